@@ -1,0 +1,140 @@
+"""Run versioned migrations (`invoke db-upgrade`) and check the schema version at start-up.
+
+Migrations run with the URL's own role (the schema owner). On PostgreSQL the upgrade also creates
+the non-owner application role and grants it table access; row-level security binds that role.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from peewee import Database, PostgresqlDatabase
+from psycopg import sql
+
+from isolation.config import get_database_settings
+from isolation.db import make_database, parse_database_url
+from isolation.errors import SchemaVersionError
+from isolation.ids import utcnow
+from isolation.migrations import m0001_initial, m0002_agent_templates
+
+MIGRATIONS: tuple[ModuleType, ...] = (m0001_initial, m0002_agent_templates)
+LATEST_VERSION: int = MIGRATIONS[-1].VERSION
+_LOCK_ID = 0x6D74_656E  # "mten": serialises concurrent upgrades on PostgreSQL
+
+_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    "version INTEGER PRIMARY KEY, name VARCHAR(128) NOT NULL, applied_at {ts} NOT NULL)"
+)
+
+
+def _dialect(db: Database) -> str:
+    return "postgresql" if isinstance(db, PostgresqlDatabase) else "sqlite"
+
+
+def _applied_version(db: Database) -> int:
+    if not db.table_exists("schema_migrations"):
+        return 0
+    row = db.execute_sql("SELECT MAX(version) FROM schema_migrations").fetchone()
+    return int(row[0] or 0)
+
+
+def current_version(url: str | None = None) -> int:
+    """The schema version of the database at `url` (0 for an empty database)."""
+    db = make_database(url or get_database_settings().database_url, admin=True)
+    try:
+        return _applied_version(db)
+    finally:
+        db.close()
+
+
+def _grant_app_role(db: Database, role: str) -> None:
+    """Create the application role if needed and (re)grant what it may do. Idempotent."""
+    exists = db.execute_sql("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    ident = sql.Identifier(role)
+    cursor = db.cursor()
+
+    def run(statement: sql.Composable) -> None:
+        cursor.execute(statement)
+
+    if not exists:
+        run(sql.SQL("CREATE ROLE {} NOLOGIN").format(ident))
+    is_super = db.execute_sql("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+    if not is_super:
+        # Lets a non-superuser owner `SET ROLE` to the application role.
+        run(sql.SQL("GRANT {} TO CURRENT_USER").format(ident))
+    run(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(ident))
+    run(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}").format(ident))
+    run(sql.SQL("REVOKE INSERT, UPDATE, DELETE ON schema_migrations FROM {}").format(ident))
+    for signature in m0001_initial.FUNCTION_SIGNATURES:
+        run(sql.SQL("GRANT EXECUTE ON FUNCTION " + signature + " TO {}").format(ident))
+
+
+def upgrade(url: str | None = None, *, app_role: str | None = None) -> list[int]:
+    """Apply every pending migration in order; returns the versions applied (empty when current)."""
+    settings = get_database_settings()
+    url = url or settings.database_url
+    role = app_role or settings.database_app_role
+    db = make_database(url, admin=True)
+    dialect = _dialect(db)
+    applied: list[int] = []
+    try:
+        db.connect(reuse_if_open=True)
+        if dialect == "postgresql":
+            db.execute_sql("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
+        try:
+            ts = "TIMESTAMP" if dialect == "postgresql" else "DATETIME"
+            db.execute_sql(_VERSION_TABLE.format(ts=ts))
+            version = _applied_version(db)
+            if version > LATEST_VERSION:
+                raise SchemaVersionError(
+                    f"database schema is at version {version}, newer than this code knows "
+                    f"(latest {LATEST_VERSION}); upgrade MaiTenant instead of downgrading the database"
+                )
+            for migration in MIGRATIONS:
+                if migration.VERSION <= version:
+                    continue
+                with db.atomic("IMMEDIATE") if dialect == "sqlite" else db.atomic():
+                    migration.apply(db, dialect, role)
+                    db.execute_sql(
+                        f"INSERT INTO schema_migrations (version, name, applied_at) VALUES "
+                        f"({db.param}, {db.param}, {db.param})",
+                        (migration.VERSION, migration.NAME, utcnow()),
+                    )
+                applied.append(migration.VERSION)
+            if dialect == "postgresql":
+                with db.atomic():
+                    _grant_app_role(db, role)
+        finally:
+            if dialect == "postgresql":
+                db.execute_sql("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
+    finally:
+        db.close()
+    return applied
+
+
+def check_schema(db: Database) -> int:
+    """Refuse to run on a schema this code does not know. Backends call this at start-up."""
+    try:
+        version = _applied_version(db)
+    except Exception as exc:  # connection or permission problem: say what to do
+        raise SchemaVersionError(f"cannot read the schema version: {exc}") from exc
+    if version == LATEST_VERSION:
+        return version
+    if version < LATEST_VERSION:
+        raise SchemaVersionError(
+            f"database schema is at version {version}, this code needs {LATEST_VERSION}: "
+            "run `invoke db-upgrade` (or `python -m isolation upgrade`) first"
+        )
+    raise SchemaVersionError(
+        f"database schema is at version {version}, newer than this code knows ({LATEST_VERSION}); "
+        "refusing to start"
+    )
+
+
+def describe(url: str) -> str:
+    """A log-safe description of a database URL (no password)."""
+    parsed = parse_database_url(url)
+    if not parsed.is_postgres:
+        return f"sqlite {parsed.path}"
+    p = parsed.params or {}
+    return f"postgresql {p.get('user', '')}@{p.get('host', '')}:{p.get('port', 5432)}/{p.get('dbname')}"

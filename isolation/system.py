@@ -1,0 +1,164 @@
+"""Operations that must run before a tenant is known, kept narrow and explicit.
+
+Login needs an account's memberships, the replier needs the tenant of an API key, registration
+creates a tenant. On PostgreSQL the two cross-tenant lookups go through `SECURITY DEFINER` functions
+(`mt_lookup_api_key`, `mt_account_memberships`) that return only the columns needed; nothing here
+returns another tenant's data to a caller that does not already hold the credential.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from peewee import IntegrityError, fn
+
+from isolation import db as _db
+from isolation.context import IsolationContext
+from isolation.errors import Conflict, NotFound
+from isolation.ids import hash_api_key, new_id, utcnow
+from isolation.models import Account, AgentTemplate, ApiKey, Membership, Tenant
+
+TENANT_TYPES = ("personal", "enterprise")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyPrincipal:
+    """Who an API key speaks for. `context` is the T+A isolation context it grants."""
+
+    key_id: str
+    tenant_id: str
+    agent_id: str
+    status: str
+    expires_at: datetime | None
+
+    @property
+    def context(self) -> IsolationContext:
+        return IsolationContext(self.tenant_id, self.agent_id)
+
+    def refusal(self, now: datetime | None = None) -> str | None:
+        """Why this key may not be used now, or None when it may."""
+        if self.status != "active":
+            return "api key revoked"
+        if self.expires_at is not None and self.expires_at <= (now or utcnow()):
+            return "api key expired"
+        return None
+
+
+def lookup_api_key(secret: str) -> ApiKeyPrincipal | None:
+    """The principal of an API key secret (by its SHA-256), or None for an unknown key."""
+    if not secret or len(secret) > 512:
+        return None
+    key_hash = hash_api_key(secret)
+    if _db.is_postgres():
+        row = _db.database.execute_sql(
+            "SELECT tenant_id, id, agent_id, status, expires_at FROM mt_lookup_api_key(%s)", (key_hash,)
+        ).fetchone()
+    else:
+        row = (
+            ApiKey.select(ApiKey.tenant_id, ApiKey.id, ApiKey.agent_id, ApiKey.status, ApiKey.expires_at)
+            .where(ApiKey.key_hash == key_hash)
+            .tuples()
+            .first()
+        )
+    if row is None:
+        return None
+    tenant_id, key_id, agent_id, status, expires_at = row
+    return ApiKeyPrincipal(key_id, tenant_id, agent_id, status, expires_at)
+
+
+def account_memberships(account_id: str) -> list[dict]:
+    """The tenants an account belongs to, oldest first: [{tenant_id, role}]."""
+    if _db.is_postgres():
+        cursor = _db.database.execute_sql(
+            "SELECT tenant_id, role FROM mt_account_memberships(%s) ORDER BY created_at, tenant_id", (account_id,)
+        )
+        return [{"tenant_id": t, "role": r} for t, r in cursor.fetchall()]
+    query = (
+        Membership.select(Membership.tenant_id, Membership.role)
+        .where(Membership.account_id == account_id)
+        .order_by(Membership.created_at, Membership.tenant_id)
+        .dicts()
+    )
+    return list(query)
+
+
+def _account_columns():
+    return [f for name, f in Account._meta.fields.items() if name != "password_hash"]
+
+
+def create_account(username: str, email: str, password_hash: str) -> dict:
+    """A new account; `Conflict` when the username or email is taken."""
+    account_id = new_id("acc")
+    try:
+        with _db.write_transaction():
+            Account.insert(
+                id=account_id, username=username, email=email, password_hash=password_hash, created_at=utcnow()
+            ).execute()
+    except IntegrityError as exc:
+        raise Conflict("account", "username or email already registered") from exc
+    return get_account(account_id)
+
+
+def get_account(account_id: str) -> dict:
+    row = Account.select(*_account_columns()).where(Account.id == account_id).dicts().first()
+    if row is None:
+        raise NotFound("account")
+    return row
+
+
+def find_account_for_login(login: str) -> tuple[dict, str] | None:
+    """(account, password hash) by username or email, or None."""
+    row = (
+        Account.select()
+        .where((Account.username == login) | (Account.email == login))
+        .dicts()
+        .first()
+    )
+    if row is None:
+        return None
+    password_hash = row.pop("password_hash")
+    return row, password_hash
+
+
+def set_password_hash(account_id: str, password_hash: str) -> None:
+    """Store a re-hashed password (pwdlib asks for it when parameters change)."""
+    with _db.write_transaction():
+        Account.update(password_hash=password_hash).where(Account.id == account_id).execute()
+
+
+def create_tenant(name: str, owner_account_id: str, tenant_type: str = "personal", settings: dict | None = None) -> dict:
+    """A new tenant with `owner_account_id` as owner, in one transaction."""
+    if tenant_type not in TENANT_TYPES:
+        raise ValueError(f"tenant type must be one of {TENANT_TYPES}")
+    tenant_id = new_id("ten")
+    now = utcnow()
+    with _db.write_transaction():
+        _db.bind_tenant(tenant_id)
+        Tenant.insert(
+            id=tenant_id, name=name, type=tenant_type, settings=settings or {}, created_at=now, updated_at=now
+        ).execute()
+        Membership.insert(tenant_id=tenant_id, account_id=owner_account_id, role="owner", created_at=now).execute()
+        row = Tenant.select().where(Tenant.id == tenant_id).dicts().first()
+    return row
+
+
+def delete_account(account_id: str) -> int:
+    """Delete an account row (its tenants are removed separately by `cleanup.delete_tenant`)."""
+    with _db.write_transaction():
+        return Account.delete().where(Account.id == account_id).execute()
+
+
+def list_templates() -> list[dict]:
+    return list(AgentTemplate.select().order_by(AgentTemplate.id).dicts())
+
+
+def get_template(template_id: str) -> dict:
+    row = AgentTemplate.select().where(AgentTemplate.id == template_id).dicts().first()
+    if row is None:
+        raise NotFound("agent template")
+    return row
+
+
+def count_accounts() -> int:
+    return Account.select(fn.COUNT(1)).scalar() or 0

@@ -1,0 +1,45 @@
+"""Shared fixtures: one real, migrated database per test session, of the kind the nox leg asks for.
+
+`MAITENANT_TEST_DB=sqlite|postgresql` picks the leg (default sqlite). On the PostgreSQL leg an
+unreachable server skips the tests with the reason locally and fails them when `CI=true`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from isolation import db as isolation_db
+from isolation.testing import PostgresUnavailable, ProvisionedDatabase, provision_database
+
+DB_KIND = os.environ.get("MAITENANT_TEST_DB", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def provisioned() -> Iterator[ProvisionedDatabase]:
+    """A fresh migrated database for the whole session (dropped at the end)."""
+    try:
+        with provision_database(DB_KIND) as database:
+            yield database
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL leg needs a server: {exc}")
+        pytest.skip(f"PostgreSQL leg skipped: {exc}")
+
+
+@pytest.fixture(scope="session")
+def database_url(provisioned: ProvisionedDatabase) -> str:
+    """The URL the application uses (a non-owner role on PostgreSQL)."""
+    return provisioned.url
+
+
+@pytest.fixture(scope="session")
+def configured_db(provisioned: ProvisionedDatabase):
+    """The `isolation.db.database` proxy pointed at the session database, as the application role."""
+    real = isolation_db.configure(provisioned.url, app_role=provisioned.app_role)
+    yield real
+    real.close()
+    if hasattr(real, "close_all"):
+        real.close_all()
