@@ -8,6 +8,7 @@ from isolation.context import IsolationContext, Level, current_context, use_cont
 from isolation.errors import (
     Conflict,
     InvalidContextError,
+    InvalidValueError,
     IsolationError,
     IsolationViolationError,
     NotFound,
@@ -18,6 +19,7 @@ from isolation.scoped import Scoped
 __all__ = [
     "Conflict",
     "InvalidContextError",
+    "InvalidValueError",
     "IsolationContext",
     "IsolationError",
     "IsolationViolationError",

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+from peewee import fn
+
 from isolation import db as _db
 from isolation.context import IsolationContext
 from isolation.errors import NotFound
-from peewee import fn
-
 from isolation.models import TENANT_MODELS, Account, RefreshToken, Tenant
 from isolation.scoped import Scoped
 from isolation.system import account_memberships
 
-_HISTORY_MODELS = [m for m in TENANT_MODELS if m._meta.table_name in ("llm_usage", "memories", "messages", "chat_streams")]
+_HISTORY_MODELS = [
+    m for m in TENANT_MODELS if m._meta.table_name in ("llm_usage", "memories", "messages", "chat_streams")
+]
 
 
 def _empty_counts() -> dict[str, int]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 
 from isolation.errors import InvalidContextError, IsolationViolationError
 
@@ -21,7 +21,7 @@ from isolation.errors import InvalidContextError, IsolationViolationError
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
 
 
-class Level(str, Enum):
+class Level(StrEnum):
     """How narrow a context is; each level includes the ones before it."""
 
     T = "T"
@@ -95,9 +95,7 @@ class IsolationContext:
     def require(self, level: Level) -> None:
         """Raise `IsolationViolationError` unless this context is at least `level`."""
         if _LEVEL_ORDER[self.level] < _LEVEL_ORDER[level]:
-            raise IsolationViolationError(
-                f"operation needs a {level.value} context, got {self.level.value}"
-            )
+            raise IsolationViolationError(f"operation needs a {level.value} context, got {self.level.value}")
 
 
 _current: ContextVar[IsolationContext | None] = ContextVar("maitenant_isolation_context", default=None)

@@ -36,3 +36,11 @@ class Conflict(IsolationError):
 
 class SchemaVersionError(IsolationError):
     """The database schema is older or newer than this code knows; the backend must not start."""
+
+
+class InvalidValueError(IsolationError, ValueError):
+    """A value cannot be stored as given (e.g. text with NUL characters, which PostgreSQL refuses).
+
+    Raised on both databases alike, before anything is written, so behaviour never depends on the
+    backend. APIs map it to 422 / an error reply.
+    """

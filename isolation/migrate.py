@@ -91,7 +91,7 @@ def upgrade(url: str | None = None, *, app_role: str | None = None) -> list[int]
                     f"(latest {LATEST_VERSION}); upgrade MaiTenant instead of downgrading the database"
                 )
             for migration in MIGRATIONS:
-                if migration.VERSION <= version:
+                if version >= migration.VERSION:
                     continue
                 with db.atomic("IMMEDIATE") if dialect == "sqlite" else db.atomic():
                     migration.apply(db, dialect, role)
@@ -126,8 +126,7 @@ def check_schema(db: Database) -> int:
             "run `invoke db-upgrade` (or `python -m isolation upgrade`) first"
         )
     raise SchemaVersionError(
-        f"database schema is at version {version}, newer than this code knows ({LATEST_VERSION}); "
-        "refusing to start"
+        f"database schema is at version {version}, newer than this code knows ({LATEST_VERSION}); refusing to start"
     )
 
 

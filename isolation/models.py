@@ -19,6 +19,27 @@ from peewee import (
 )
 
 from isolation.db import database
+from isolation.errors import InvalidValueError
+
+
+def _no_nul(value):
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidValueError("text must not contain NUL (\\x00) characters")
+    return value
+
+
+class SafeCharField(CharField):
+    """CharField that refuses NUL characters on every database (PostgreSQL cannot store them)."""
+
+    def db_value(self, value):
+        return super().db_value(_no_nul(value))
+
+
+class SafeTextField(TextField):
+    """TextField that refuses NUL characters on every database (PostgreSQL cannot store them)."""
+
+    def db_value(self, value):
+        return super().db_value(_no_nul(value))
 
 
 class JSONField(TextField):
@@ -38,11 +59,11 @@ class BaseModel(Model):
 
 
 class Account(BaseModel):
-    id = CharField(primary_key=True)
-    username = CharField(unique=True)
-    email = CharField(unique=True)
-    password_hash = TextField()
-    status = CharField(default="active")
+    id = SafeCharField(primary_key=True)
+    username = SafeCharField(unique=True)
+    email = SafeCharField(unique=True)
+    password_hash = SafeTextField()
+    status = SafeCharField(default="active")
     created_at = DateTimeField()
 
     class Meta:
@@ -50,10 +71,10 @@ class Account(BaseModel):
 
 
 class Tenant(BaseModel):
-    id = CharField(primary_key=True)
-    name = CharField()
-    type = CharField()
-    status = CharField(default="active")
+    id = SafeCharField(primary_key=True)
+    name = SafeCharField()
+    type = SafeCharField()
+    status = SafeCharField(default="active")
     settings = JSONField(default=dict)
     created_at = DateTimeField()
     updated_at = DateTimeField()
@@ -63,9 +84,9 @@ class Tenant(BaseModel):
 
 
 class AgentTemplate(BaseModel):
-    id = CharField(primary_key=True)
-    name = CharField()
-    description = TextField()
+    id = SafeCharField(primary_key=True)
+    name = SafeCharField()
+    description = SafeTextField()
     persona = JSONField()
     config = JSONField()
     created_at = DateTimeField()
@@ -77,12 +98,12 @@ class AgentTemplate(BaseModel):
 class TenantModel(BaseModel):
     """Marker base of every table that belongs to a tenant (row-level security on PostgreSQL)."""
 
-    tenant_id = CharField()
+    tenant_id = SafeCharField()
 
 
 class Membership(TenantModel):
-    account_id = CharField()
-    role = CharField()
+    account_id = SafeCharField()
+    role = SafeCharField()
     created_at = DateTimeField()
 
     class Meta:
@@ -91,11 +112,11 @@ class Membership(TenantModel):
 
 
 class RefreshToken(TenantModel):
-    jti = CharField()
-    account_id = CharField()
+    jti = SafeCharField()
+    account_id = SafeCharField()
     expires_at = DateTimeField()
     revoked_at = DateTimeField(null=True)
-    replaced_by = CharField(null=True)
+    replaced_by = SafeCharField(null=True)
     created_at = DateTimeField()
 
     class Meta:
@@ -104,15 +125,15 @@ class RefreshToken(TenantModel):
 
 
 class Agent(TenantModel):
-    id = CharField()
-    name = CharField()
-    description = TextField(default="")
-    template_id = CharField(null=True)
+    id = SafeCharField()
+    name = SafeCharField()
+    description = SafeTextField(default="")
+    template_id = SafeCharField(null=True)
     persona = JSONField()
     config = JSONField()
     llm = JSONField()
-    llm_secret = TextField(null=True)
-    status = CharField(default="active")
+    llm_secret = SafeTextField(null=True)
+    status = SafeCharField(default="active")
     version = IntegerField(default=1)
     created_at = DateTimeField()
     updated_at = DateTimeField()
@@ -123,13 +144,13 @@ class Agent(TenantModel):
 
 
 class ApiKey(TenantModel):
-    id = CharField()
-    agent_id = CharField()
-    name = CharField()
-    key_hash = CharField()
-    prefix = CharField()
+    id = SafeCharField()
+    agent_id = SafeCharField()
+    name = SafeCharField()
+    key_hash = SafeCharField()
+    prefix = SafeCharField()
     permissions = JSONField()
-    status = CharField(default="active")
+    status = SafeCharField(default="active")
     expires_at = DateTimeField(null=True)
     last_used_at = DateTimeField(null=True)
     usage_count = BigIntegerField(default=0)
@@ -142,13 +163,13 @@ class ApiKey(TenantModel):
 
 
 class ChatStream(TenantModel):
-    id = CharField()
-    agent_id = CharField()
-    platform = CharField()
-    kind = CharField()
-    group_id = CharField(null=True)
-    user_id = CharField(null=True)
-    group_name = CharField(null=True)
+    id = SafeCharField()
+    agent_id = SafeCharField()
+    platform = SafeCharField()
+    kind = SafeCharField()
+    group_id = SafeCharField(null=True)
+    user_id = SafeCharField(null=True)
+    group_name = SafeCharField(null=True)
     created_at = DateTimeField()
     last_active_at = DateTimeField()
 
@@ -158,17 +179,17 @@ class ChatStream(TenantModel):
 
 
 class Message(TenantModel):
-    id = CharField()
-    agent_id = CharField()
-    platform = CharField()
-    chat_stream_id = CharField()
-    message_id = CharField()
-    direction = CharField()
-    sender_user_id = CharField(null=True)
-    sender_nickname = CharField(null=True)
-    text = TextField()
+    id = SafeCharField()
+    agent_id = SafeCharField()
+    platform = SafeCharField()
+    chat_stream_id = SafeCharField()
+    message_id = SafeCharField()
+    direction = SafeCharField()
+    sender_user_id = SafeCharField(null=True)
+    sender_nickname = SafeCharField(null=True)
+    text = SafeTextField()
     segments = JSONField()
-    reply_to = CharField(null=True)
+    reply_to = SafeCharField(null=True)
     created_at = DateTimeField()
 
     class Meta:
@@ -177,13 +198,13 @@ class Message(TenantModel):
 
 
 class Memory(TenantModel):
-    id = CharField()
-    agent_id = CharField()
-    level = CharField()
-    platform = CharField(null=True)
-    chat_stream_id = CharField(null=True)
-    content = TextField()
-    source = CharField()
+    id = SafeCharField()
+    agent_id = SafeCharField()
+    level = SafeCharField()
+    platform = SafeCharField(null=True)
+    chat_stream_id = SafeCharField(null=True)
+    content = SafeTextField()
+    source = SafeCharField()
     created_at = DateTimeField()
 
     class Meta:
@@ -192,17 +213,17 @@ class Memory(TenantModel):
 
 
 class LlmUsage(TenantModel):
-    id = CharField()
-    agent_id = CharField()
-    platform = CharField()
-    chat_stream_id = CharField(null=True)
-    provider = CharField()
-    model = CharField()
+    id = SafeCharField()
+    agent_id = SafeCharField()
+    platform = SafeCharField()
+    chat_stream_id = SafeCharField(null=True)
+    provider = SafeCharField()
+    model = SafeCharField()
     prompt_tokens = IntegerField(default=0)
     completion_tokens = IntegerField(default=0)
     latency_ms = IntegerField(default=0)
-    outcome = CharField()
-    error = TextField(null=True)
+    outcome = SafeCharField()
+    error = SafeTextField(null=True)
     created_at = DateTimeField()
 
     class Meta:

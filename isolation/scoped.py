@@ -77,6 +77,15 @@ def _writing(tenant_id: str) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _parent_must_exist(entity: str) -> Iterator[None]:
+    """A composite foreign key that fails means the context names a parent outside the tenant."""
+    try:
+        yield
+    except IntegrityError as exc:
+        raise NotFound(entity) from exc
+
+
 class _Manager:
     """Common scoping for one tenant table."""
 
@@ -251,7 +260,7 @@ class RefreshTokenManager(_Manager):
         return RefreshToken.jti == row_id
 
     def issue(self, jti: str, account_id: str, expires_at: datetime) -> dict:
-        with self._writing():
+        with _parent_must_exist("membership"), self._writing():
             RefreshToken.insert(
                 tenant_id=self.ctx.tenant_id,
                 jti=jti,
@@ -280,19 +289,27 @@ class RefreshTokenManager(_Manager):
                 )
                 .execute()
             )
-            if used == 0:
-                reused = (
-                    RefreshToken.select(RefreshToken.jti)
-                    .where(self._scope() & (RefreshToken.jti == jti) & RefreshToken.replaced_by.is_null(False))
-                    .exists()
-                )
-                if reused:
-                    self.revoke_all(account_id)
-                raise NotFound(self.entity)
-            RefreshToken.insert(
-                tenant_id=self.ctx.tenant_id, jti=new_jti, account_id=account_id, expires_at=expires_at, created_at=now
-            ).execute()
-        return self.get(new_jti)
+            if used:
+                RefreshToken.insert(
+                    tenant_id=self.ctx.tenant_id,
+                    jti=new_jti,
+                    account_id=account_id,
+                    expires_at=expires_at,
+                    created_at=now,
+                ).execute()
+        if used:
+            return self.get(new_jti)
+        reused = self._get_or_none(RefreshToken.jti == jti)
+        if reused is not None and reused["replaced_by"] is not None:
+            # Committed on its own: the NotFound below must not roll the revocation back.
+            self.revoke_all(account_id)
+        raise NotFound(self.entity)
+
+    def _get_or_none(self, *conditions) -> dict | None:
+        try:
+            return self._get(*conditions)
+        except NotFound:
+            return None
 
     def is_active(self, jti: str, account_id: str) -> bool:
         with self._reading():
@@ -392,6 +409,22 @@ class AgentManager(_Manager):
         if row is None:
             raise NotFound(self.entity)
         return row[0]
+
+    def list_with_key_flags(self, limit: int = 50, offset: int = 0) -> list[dict]:
+        """`list()` plus `has_llm_key` (whether a provider key is stored), in one query; the key stays hidden."""
+        with self._reading():
+            query = (
+                Agent.select(*self._columns(), Agent.llm_secret.is_null(False).alias("has_llm_key"))
+                .where(self._scope())
+                .order_by(Agent.created_at, Agent.id)
+                .limit(_page(limit))
+                .offset(offset)
+                .dicts()
+            )
+            rows = list(query)
+        for row in rows:
+            row["has_llm_key"] = bool(row["has_llm_key"])
+        return rows
 
     def version(self, agent_id: str) -> int:
         """The agent's version: a cheap check for caches."""
@@ -529,7 +562,7 @@ class ChatStreamManager(_Manager):
             raise ValueError("a chat stream needs a group_id or a user_id")
         stream_id = self.stream_id_for(kind, peer)
         now = utcnow()
-        with self._writing():
+        with _parent_must_exist("agent"), self._writing():
             ChatStream.insert(
                 tenant_id=self.ctx.tenant_id,
                 id=stream_id,
@@ -551,7 +584,9 @@ class ChatStreamManager(_Manager):
 
     def touch(self, stream_id: str, when: datetime | None = None) -> None:
         with self._writing():
-            ChatStream.update(last_active_at=when or utcnow()).where(self._scope() & (ChatStream.id == stream_id)).execute()
+            ChatStream.update(last_active_at=when or utcnow()).where(
+                self._scope() & (ChatStream.id == stream_id)
+            ).execute()
 
     def context_for(self, stream_id: str) -> IsolationContext:
         """The T+A+C+P context of one of this context's streams (NotFound for foreign ids)."""
@@ -580,7 +615,7 @@ class MessageManager(_Manager):
         if direction not in ("in", "out"):
             raise ValueError("direction must be 'in' or 'out'")
         row_id = new_id("msg")
-        with self._writing():
+        with _parent_must_exist("chat stream"), self._writing():
             inserted = (
                 Message.insert(
                     tenant_id=self.ctx.tenant_id,
@@ -614,6 +649,13 @@ class MessageManager(_Manager):
         rows.reverse()
         return rows
 
+    def page(self, limit: int = 50, offset: int = 0) -> list[dict]:
+        """Messages of this chat stream, newest first, for paginated listings."""
+        self.ctx.require(Level.TACP)
+        with self._reading():
+            query = self._select().order_by(Message.created_at.desc(), Message.id.desc())
+            return list(query.limit(_page(limit)).offset(offset))
+
     def by_message_id(self, message_id: str) -> dict:
         self.ctx.require(Level.TACP)
         return self._get(Message.message_id == message_id)
@@ -631,7 +673,7 @@ class MemoryManager(_Manager):
             raise ValueError("level must be agent, platform or chat")
         self.ctx.require(need)
         row_id = new_id("mem")
-        with self._writing():
+        with _parent_must_exist("agent or chat stream"), self._writing():
             Memory.insert(
                 tenant_id=self.ctx.tenant_id,
                 id=row_id,
@@ -694,7 +736,7 @@ class LlmUsageManager(_Manager):
     ) -> dict:
         self.ctx.require(Level.TAP)
         row_id = new_id("use")
-        with self._writing():
+        with _parent_must_exist("agent or chat stream"), self._writing():
             LlmUsage.insert(
                 tenant_id=self.ctx.tenant_id,
                 id=row_id,
@@ -761,5 +803,3 @@ class Scoped:
     @cached_property
     def llm_usage(self) -> LlmUsageManager:
         return LlmUsageManager(self.ctx)
-
-

@@ -109,12 +109,7 @@ def get_account(account_id: str) -> dict:
 
 def find_account_for_login(login: str) -> tuple[dict, str] | None:
     """(account, password hash) by username or email, or None."""
-    row = (
-        Account.select()
-        .where((Account.username == login) | (Account.email == login))
-        .dicts()
-        .first()
-    )
+    row = Account.select().where((Account.username == login) | (Account.email == login)).dicts().first()
     if row is None:
         return None
     password_hash = row.pop("password_hash")
@@ -127,7 +122,9 @@ def set_password_hash(account_id: str, password_hash: str) -> None:
         Account.update(password_hash=password_hash).where(Account.id == account_id).execute()
 
 
-def create_tenant(name: str, owner_account_id: str, tenant_type: str = "personal", settings: dict | None = None) -> dict:
+def create_tenant(
+    name: str, owner_account_id: str, tenant_type: str = "personal", settings: dict | None = None
+) -> dict:
     """A new tenant with `owner_account_id` as owner, in one transaction."""
     if tenant_type not in TENANT_TYPES:
         raise ValueError(f"tenant type must be one of {TENANT_TYPES}")

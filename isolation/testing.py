@@ -102,3 +102,34 @@ def provision_database(kind: str, *, keep: bool = False) -> Iterator[Provisioned
             with psycopg.connect(_conninfo(base), autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def table_counts(database: ProvisionedDatabase) -> dict[str, dict[str, int]]:
+    """Rows per tenant in every tenant table (plus `tenants`), read as the owner so RLS is bypassed.
+
+    Used to prove that cleanup and runs leave other tenants' data exactly as it was.
+    """
+    from isolation.models import TENANT_TABLES
+
+    queries = {table: f"SELECT tenant_id, COUNT(*) FROM {table} GROUP BY tenant_id" for table in TENANT_TABLES}
+    queries["tenants"] = "SELECT id, COUNT(*) FROM tenants GROUP BY id"
+    result: dict[str, dict[str, int]] = {}
+    if database.kind == "sqlite":
+        import sqlite3
+
+        path = parse_database_url(database.admin_url).path
+        with sqlite3.connect(path) as conn:
+            for table, query in queries.items():
+                result[table] = {t: n for t, n in conn.execute(query).fetchall()}
+        return result
+    import psycopg
+
+    with psycopg.connect(_conninfo(database.admin_url)) as conn:
+        for table, query in queries.items():
+            result[table] = {t: n for t, n in conn.execute(query).fetchall()}
+    return result
+
+
+def tenant_row_counts(database: ProvisionedDatabase, tenant_id: str) -> dict[str, int]:
+    """Rows of one tenant per table (0 where it has none)."""
+    return {table: per_tenant.get(tenant_id, 0) for table, per_tenant in table_counts(database).items()}

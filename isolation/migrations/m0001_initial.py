@@ -213,7 +213,7 @@ def apply(conn, dialect: str, app_role: str | None) -> None:
         conn.execute_sql(statement)
     if dialect != "postgresql":
         return
-    for table in RLS_TABLES + ("tenants",):
+    for table in (*RLS_TABLES, "tenants"):
         column = "id" if table == "tenants" else "tenant_id"
         conn.execute_sql(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
         conn.execute_sql(

@@ -34,21 +34,27 @@ TEMPLATES = [
         "friendly_assistant",
         "Friendly assistant",
         "Warm, helpful and upbeat; a good default for community chats.",
-        _persona("warm, patient and encouraging", "short, friendly sentences", ["helping", "daily life"], "answer helpfully"),
+        _persona(
+            "warm, patient and encouraging", "short, friendly sentences", ["helping", "daily life"], "answer helpfully"
+        ),
         _config(20, "always", True),
     ),
     (
         "professional_expert",
         "Professional expert",
         "Precise and factual; for support and technical questions.",
-        _persona("precise, calm and factual", "structured and concise", ["technology", "science"], "give accurate answers"),
+        _persona(
+            "precise, calm and factual", "structured and concise", ["technology", "science"], "give accurate answers"
+        ),
         _config(30, "always", False),
     ),
     (
         "creative_companion",
         "Creative companion",
         "Playful and imaginative; for stories, games and brainstorming.",
-        _persona("imaginative and playful", "vivid and expressive", ["stories", "art", "games"], "inspire and play along"),
+        _persona(
+            "imaginative and playful", "vivid and expressive", ["stories", "art", "games"], "inspire and play along"
+        ),
         _config(25, "always", True),
     ),
     (
