@@ -1,0 +1,304 @@
+"""Developer operations (invoke). Test environments live in noxfile.py.
+
+invoke start-servers [--detach] [--database-url URL] [--configurator-port 8000] [--replier-port 8095]
+invoke status | stop-servers | db-upgrade | cleanup --prefix P | cleanup --tenant T
+invoke integration [--users 3 --agents 2 --messages 5] | load
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from invoke import Context, Exit, task
+
+ROOT = Path(__file__).parent
+DEFAULT_RUN_DIR = ROOT / "run"
+SERVERS = ("configurator", "replier")
+
+
+def _database_url(database_url: str | None) -> str:
+    from isolation.config import get_database_settings
+
+    return database_url or get_database_settings().database_url
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _state_file(run_dir: Path) -> Path:
+    return run_dir / "servers.json"
+
+
+def _read_state(run_dir: Path) -> dict:
+    path = _state_file(run_dir)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@task(help={"database-url": "defaults to DATABASE_URL or sqlite:///data/maitenant.db"})
+def db_upgrade(c: Context, database_url: str | None = None) -> None:
+    """Apply pending schema migrations (safe to re-run)."""
+    from isolation import migrate
+
+    url = _database_url(database_url)
+    applied = migrate.upgrade(url)
+    print(
+        f"{migrate.describe(url)}: schema at version {migrate.LATEST_VERSION} "
+        f"(applied: {', '.join(map(str, applied)) if applied else 'nothing to do'})"
+    )
+
+
+@task(
+    help={
+        "database-url": "defaults to DATABASE_URL or sqlite:///data/maitenant.db",
+        "configurator-port": "HTTP port of the configurator API (default 8000)",
+        "replier-port": "port of the replier (Socket.IO path /ws, default 8095)",
+        "host": "interface to bind (default 127.0.0.1)",
+        "detach": "return once both are healthy; pid files and logs go to --run-dir",
+        "run-dir": "where --detach writes pid files and logs (default ./run)",
+        "timeout": "seconds to wait for both /health endpoints",
+    }
+)
+def start_servers(
+    c: Context,
+    database_url: str | None = None,
+    configurator_port: int = 8000,
+    replier_port: int = 8095,
+    host: str = "127.0.0.1",
+    detach: bool = False,
+    run_dir: str | None = None,
+    timeout: float = 30.0,
+) -> None:
+    """Upgrade the database, then run the configurator and the replier (Ctrl-C stops both)."""
+    url = _database_url(database_url)
+    folder = Path(run_dir) if run_dir else DEFAULT_RUN_DIR
+    ports = {"configurator": configurator_port, "replier": replier_port}
+    for name, port in ports.items():
+        if not _port_free(host, port):
+            raise Exit(
+                f"error: port {port} on {host} ({name}) is already in use. Stop whatever holds it "
+                f"(`invoke stop-servers` if it is MaiTenant) or pass --{name}-port.",
+                code=1,
+            )
+    db_upgrade(c, database_url=url)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    processes: dict[str, subprocess.Popen] = {}
+    urls = {name: f"http://{host}:{port}" for name, port in ports.items()}
+    for name in SERVERS:
+        env = {**os.environ, "HOST": host, "PORT": str(ports[name]), "DATABASE_URL": url}
+        log = open(folder / f"{name}.log", "ab") if detach else None  # noqa: SIM115 - handed to the child
+        processes[name] = subprocess.Popen(
+            [sys.executable, "-m", name],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT if detach else None,
+            start_new_session=detach,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        pending = set(SERVERS)
+        while pending and time.monotonic() < deadline:
+            for name in list(pending):
+                if processes[name].poll() is not None:
+                    raise Exit(f"error: {name} exited with code {processes[name].returncode} while starting", code=1)
+                if _healthy(urls[name]):
+                    pending.discard(name)
+            time.sleep(0.1)
+        if pending:
+            raise Exit(f"error: {', '.join(sorted(pending))} not healthy after {timeout:.0f} s", code=1)
+    except BaseException:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        raise
+    elapsed = time.monotonic() - started
+    print(f"configurator  {urls['configurator']}  (API /api/v1, docs {urls['configurator']}/docs)")
+    print(f"replier       ws://{host}:{replier_port}/ws  (health {urls['replier']}/health, metrics /metrics)")
+    print(f"database      {url if '@' not in url else url.split('@', 1)[-1]}")
+    print(f"ready in {elapsed:.1f} s")
+    if detach:
+        state = {
+            name: {"pid": processes[name].pid, "url": urls[name], "log": str(folder / f"{name}.log")}
+            for name in SERVERS
+        }
+        _state_file(folder).write_text(json.dumps(state, indent=2))
+        for name in SERVERS:
+            (folder / f"{name}.pid").write_text(str(processes[name].pid))
+        print(f"detached; logs and pid files in {folder}. Stop with `invoke stop-servers`.")
+        return
+    print("press Ctrl-C to stop both")
+    try:
+        while all(p.poll() is None for p in processes.values()):
+            time.sleep(0.5)
+        died = [n for n, p in processes.items() if p.poll() is not None]
+        print(f"{', '.join(died)} stopped; stopping the rest", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nstopping…")
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in processes.values():
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@task(help={"run-dir": "the folder `start-servers --detach` wrote to (default ./run)"})
+def stop_servers(c: Context, run_dir: str | None = None) -> None:
+    """Stop servers started with `start-servers --detach` (graceful, then forced after 15 s)."""
+    folder = Path(run_dir) if run_dir else DEFAULT_RUN_DIR
+    state = _read_state(folder)
+    if not state:
+        print(f"no detached servers recorded in {folder}")
+        return
+    for name, info in state.items():
+        pid = int(info["pid"])
+        if not _pid_alive(pid):
+            print(f"{name}: not running (pid {pid})")
+            continue
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + 15
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            print(f"{name}: killed (pid {pid})")
+        else:
+            print(f"{name}: stopped (pid {pid})")
+    for path in [_state_file(folder), *(folder / f"{n}.pid" for n in SERVERS)]:
+        path.unlink(missing_ok=True)
+
+
+@task(
+    help={
+        "run-dir": "the folder `start-servers --detach` wrote to (default ./run)",
+        "configurator-url": "default http://127.0.0.1:8000 (or the detached run's)",
+        "replier-url": "default http://127.0.0.1:8095 (or the detached run's)",
+    }
+)
+def status(c: Context, run_dir: str | None = None, configurator_url: str | None = None, replier_url: str | None = None):
+    """Health of both backends; exits non-zero when one is down."""
+    state = _read_state(Path(run_dir) if run_dir else DEFAULT_RUN_DIR)
+    urls = {
+        "configurator": configurator_url or state.get("configurator", {}).get("url", "http://127.0.0.1:8000"),
+        "replier": replier_url or state.get("replier", {}).get("url", "http://127.0.0.1:8095"),
+    }
+    down = []
+    for name, url in urls.items():
+        try:
+            response = httpx.get(f"{url}/health", timeout=2.0)
+            ok = response.status_code == 200
+            detail = response.text.strip()[:200]
+        except httpx.HTTPError as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        print(f"{name:13s} {url:28s} {'up' if ok else 'DOWN'}  {detail}")
+        if not ok:
+            down.append(name)
+    if down:
+        raise Exit(code=1)
+
+
+@task(
+    help={
+        "prefix": "delete tenants named with, or owned by accounts whose username starts with, PREFIX",
+        "tenant": "delete this tenant id and all its data",
+        "database-url": "defaults to DATABASE_URL or sqlite:///data/maitenant.db",
+    }
+)
+def cleanup(c: Context, prefix: str | None = None, tenant: str | None = None, database_url: str | None = None):
+    """Delete test data; prints rows deleted per table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from isolation import cleanup as isolation_cleanup
+    from isolation import db as isolation_db
+    from isolation.migrate import check_schema
+
+    if bool(prefix) == bool(tenant):
+        raise Exit("error: give exactly one of --prefix or --tenant", code=2)
+    database = isolation_db.configure(_database_url(database_url))
+    check_schema(database)
+    counts = isolation_cleanup.delete_by_prefix(prefix) if prefix else isolation_cleanup.delete_tenant(tenant)
+    table = Table(title=f"rows deleted ({'prefix ' + prefix if prefix else 'tenant ' + tenant})")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name, count in sorted(counts.items()):
+        table.add_row(name, str(count))
+    table.add_row("total", str(sum(counts.values())), style="bold")
+    Console().print(table)
+
+
+@task(
+    help={
+        "users": "users to register",
+        "agents": "agents per user",
+        "messages": "messages per conversation",
+        "configurator-url": "default http://127.0.0.1:8000",
+        "replier-url": "default ws://127.0.0.1:8095/ws",
+        "report": "write the JSON report here",
+    }
+)
+def integration(
+    c: Context,
+    users: int = 3,
+    agents: int = 2,
+    messages: int = 5,
+    configurator_url: str = "http://127.0.0.1:8000",
+    replier_url: str = "ws://127.0.0.1:8095/ws",
+    report: str | None = None,
+) -> None:
+    """Run the end-to-end CLI against servers that are already running (`invoke start-servers`)."""
+    args = [
+        sys.executable, "-m", "integration_tests",
+        "--users", str(users), "--agents", str(agents), "--messages", str(messages),
+        "--configurator-url", configurator_url, "--replier-url", replier_url,
+    ]  # fmt: skip
+    if report:
+        args += ["--report", report]
+    raise Exit(code=subprocess.call(args, cwd=ROOT))
+
+
+@task
+def load(c: Context) -> None:
+    """Headless locust runs against freshly started backends (see `nox -s load`)."""
+    c.run("nox -s load", pty=False)
