@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from peewee import Database, DatabaseProxy, SqliteDatabase
+from peewee import Database, DatabaseProxy, SqliteDatabase, __exception_wrapper__, _savepoint
 from playhouse.pool import PooledPostgresqlDatabase
 
 from isolation.config import get_database_settings
@@ -62,8 +62,21 @@ def parse_database_url(url: str) -> DatabaseURL:
     raise ValueError(f"unsupported DATABASE_URL scheme {scheme!r}: use sqlite:/// or postgresql://")
 
 
+class _TenantTrackingSavepoint(_savepoint):
+    """`ROLLBACK TO SAVEPOINT` also undoes a `set_config` made inside it: forget the binding."""
+
+    def rollback(self, begin=True):
+        self.db._state.bound_tenant = None
+        super().rollback(begin)
+
+
 class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
-    """Pooled PostgreSQL whose every new connection switches to the non-owner application role."""
+    """Pooled PostgreSQL whose every new connection switches to the non-owner application role.
+
+    It also remembers which tenant the current transaction is bound to, so a request that makes
+    several scoped calls binds once, and it sends `BEGIN` together with the binding in one round
+    trip. Commit, rollback and savepoint rollback forget the binding (PostgreSQL undoes it there).
+    """
 
     def __init__(self, *args, app_role: str | None = None, **kwargs) -> None:
         self.app_role = app_role
@@ -77,6 +90,37 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
             with conn.cursor() as cursor:
                 cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(self.app_role)))
         return conn
+
+    def begin(self, isolation_level=None):
+        pending = getattr(self._state, "pending_tenant", None)
+        self._state.pending_tenant = None
+        self._state.bound_tenant = None
+        if pending is None or isolation_level is not None:
+            return super().begin(isolation_level)
+        from psycopg import sql
+
+        # No parameters: psycopg sends this with the simple query protocol, both statements at once.
+        statement = sql.SQL("BEGIN; SELECT set_config('app.tenant_id', {}, true)").format(sql.Literal(pending))
+        with __exception_wrapper__:
+            self.cursor().execute(statement)
+        self._state.bound_tenant = pending
+
+    def commit(self):
+        self._state.bound_tenant = None
+        return super().commit()
+
+    def rollback(self):
+        self._state.bound_tenant = None
+        return super().rollback()
+
+    def savepoint(self):
+        return _TenantTrackingSavepoint(self)
+
+    def bind(self, tenant_id: str) -> None:
+        if self.in_transaction() and getattr(self._state, "bound_tenant", None) == tenant_id:
+            return
+        self.execute_sql("SELECT set_config('app.tenant_id', %s, true)", (tenant_id,))
+        self._state.bound_tenant = tenant_id if self.in_transaction() else None
 
 
 def _sqlite(path: str, busy_timeout_ms: int) -> SqliteDatabase:
@@ -166,5 +210,31 @@ def bind_tenant(tenant_id: str) -> None:
     never carries one tenant's setting into another's work.
     """
     db = _require_configured()
-    if isinstance(db, PooledPostgresqlDatabase):
+    if isinstance(db, _AppRolePostgresqlDatabase):
+        db.bind(tenant_id)
+    elif isinstance(db, PooledPostgresqlDatabase):
         db.execute_sql("SELECT set_config('app.tenant_id', %s, true)", (tenant_id,))
+
+
+@contextmanager
+def tenant_transaction(tenant_id: str, *, write: bool = False) -> Iterator[None]:
+    """A transaction bound to `tenant_id` (on PostgreSQL: `BEGIN` and the binding in one round trip).
+
+    Nested inside an open transaction it binds (once per transaction) and, for writes, opens a
+    savepoint.
+    """
+    db = _require_configured()
+    if not write and db.in_transaction():  # a read inside a transaction needs no savepoint
+        bind_tenant(tenant_id)
+        yield
+        return
+    tracking = isinstance(db, _AppRolePostgresqlDatabase)
+    if tracking and not db.in_transaction():
+        db._state.pending_tenant = tenant_id
+    try:
+        with write_transaction() if write else read_transaction():
+            bind_tenant(tenant_id)
+            yield
+    finally:
+        if tracking:
+            db._state.pending_tenant = None

@@ -59,21 +59,14 @@ def _reading(tenant_id: str) -> Iterator[None]:
     if not _db.is_postgres():
         yield
         return
-    database = _db.database.obj
-    if database.in_transaction():
-        _db.bind_tenant(tenant_id)
+    with _db.tenant_transaction(tenant_id):
         yield
-    else:
-        with database.atomic():
-            _db.bind_tenant(tenant_id)
-            yield
 
 
 @contextmanager
 def _writing(tenant_id: str) -> Iterator[None]:
     """Writes run in a transaction (a savepoint when nested) with the tenant bound."""
-    with _db.write_transaction():
-        _db.bind_tenant(tenant_id)
+    with _db.tenant_transaction(tenant_id, write=True):
         yield
 
 

@@ -87,7 +87,6 @@ QUIET = {
     ("refresh_tokens", "is_active"): (lambda s, a: s.refresh_tokens.is_active(a["jti"], a["account"]), False),
     ("refresh_tokens", "revoke_all"): (lambda s, a: s.refresh_tokens.revoke_all(a["account"]), 0),
     ("api_keys", "statuses"): (lambda s, a: s.api_keys.statuses([a["key"]]), {}),
-    ("agents", "llm_secret_flags"): (lambda s, a: s.agents.llm_secret_flags([a["agent"]]), {}),
     ("api_keys", "record_use"): (lambda s, a: s.api_keys.record_use(a["key"]), None),
     ("api_keys", "list"): (lambda s, a: s.api_keys.list(agent_id=a["agent"]), []),
     ("chat_streams", "touch"): (lambda s, a: s.chat_streams.touch(a["stream"]), None),
@@ -98,6 +97,7 @@ QUIET = {
 NO_ID = {
     "add",
     "list",
+    "list_with_key_flags",
     "count",
     "create",
     "history",
@@ -182,6 +182,7 @@ def test_lists_and_counts_of_b_never_include_a(a_and_b):
     scoped_b = Scoped(IsolationContext(tenant_b))
     everything_b = (
         scoped_b.agents.list()
+        + scoped_b.agents.list_with_key_flags()
         + scoped_b.api_keys.list()
         + scoped_b.chat_streams.list()
         + scoped_b.memories.list()

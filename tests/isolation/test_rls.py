@@ -82,3 +82,43 @@ def test_a_scoped_manager_with_a_bug_in_its_filter_still_sees_one_tenant(two_ten
         isolation_db.bind_tenant(tenant_a)
         ids = [r[0] for r in database.execute_sql("SELECT id FROM agents").fetchall()]
     assert sorted(ids) == sorted(agents_a)
+
+
+def _backend_setting() -> str:
+    database = isolation_db.database.obj
+    return database.execute_sql("SELECT current_setting('app.tenant_id', true)").fetchone()[0] or ""
+
+
+def test_binding_is_reused_within_a_transaction_and_gone_after_it(two_tenants):
+    (tenant_a, agents_a), (tenant_b, _agents_b) = two_tenants
+    database = isolation_db.database.obj
+    with database.atomic():
+        assert Scoped(IsolationContext(tenant_a)).agents.count() == 2
+        assert _backend_setting() == tenant_a
+        assert Scoped(IsolationContext(tenant_b)).agents.count() == 1  # rebinds for another tenant
+        assert _backend_setting() == tenant_b
+        assert Scoped(IsolationContext(tenant_a)).agents.get(agents_a[0])["id"] == agents_a[0]
+    assert _backend_setting() == ""
+
+
+def test_savepoint_rollback_undoes_the_binding_and_the_next_call_rebinds(two_tenants):
+    """ROLLBACK TO SAVEPOINT reverts set_config; a cached binding must not survive it."""
+    (tenant_a, agents_a), (tenant_b, _agents_b) = two_tenants
+    database = isolation_db.database.obj
+    with database.atomic():
+        isolation_db.bind_tenant(tenant_b)
+        try:
+            with database.atomic():  # savepoint
+                assert Scoped(IsolationContext(tenant_a)).agents.count() == 2
+                raise RuntimeError("roll the savepoint back")
+        except RuntimeError:
+            pass
+        assert _backend_setting() == tenant_b  # PostgreSQL restored the outer binding
+        assert sorted(a["id"] for a in Scoped(IsolationContext(tenant_a)).agents.list()) == sorted(agents_a)
+        assert _backend_setting() == tenant_a
+
+
+def test_begin_and_binding_travel_together_outside_a_transaction(two_tenants):
+    (tenant_a, agents_a), _b = two_tenants
+    assert sorted(a["id"] for a in Scoped(IsolationContext(tenant_a)).agents.list()) == sorted(agents_a)
+    assert _backend_setting() == ""  # committed: nothing left on the pooled connection
