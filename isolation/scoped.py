@@ -20,7 +20,7 @@ from peewee import Case, IntegrityError, fn
 
 from isolation import db as _db
 from isolation.context import IsolationContext, Level
-from isolation.errors import Conflict, IsolationViolationError, NotFound
+from isolation.errors import Conflict, InvalidValueError, IsolationViolationError, NotFound
 from isolation.ids import (
     api_key_display_prefix,
     chat_stream_id,
@@ -31,6 +31,7 @@ from isolation.ids import (
 )
 from isolation.models import (
     Agent,
+    AgentTemplate,
     ApiKey,
     ChatStream,
     LlmUsage,
@@ -330,6 +331,17 @@ class RefreshTokenManager(_Manager):
             )
 
 
+AGENT_STATUSES = ("active", "disabled")
+
+
+def _check_agent_fields(status: str | None, template_id: str | None) -> None:
+    """Refuse values the schema's constraints would reject, so an IntegrityError means a name clash."""
+    if status is not None and status not in AGENT_STATUSES:
+        raise InvalidValueError(f"agent status must be one of {AGENT_STATUSES}")
+    if template_id is not None and not AgentTemplate.select().where(AgentTemplate.id == template_id).exists():
+        raise NotFound("agent template")
+
+
 class AgentManager(_Manager):
     model = Agent
     entity = "agent"
@@ -353,6 +365,7 @@ class AgentManager(_Manager):
         llm_secret: str | None = None,
         status: str = "active",
     ) -> dict:
+        _check_agent_fields(status, template_id)
         agent_id = new_id("agt")
         now = utcnow()
         try:
@@ -387,12 +400,13 @@ class AgentManager(_Manager):
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}")
+        _check_agent_fields(fields.get("status"), fields.get("template_id"))
         values: dict[Any, Any] = {Agent._meta.fields[k]: v for k, v in fields.items()}
         values[Agent.version] = Agent.version + 1
         values[Agent.updated_at] = utcnow()
         try:
             return self._update(agent_id, values)
-        except IntegrityError as exc:
+        except IntegrityError as exc:  # status and template were checked: only the name can clash
             raise Conflict(self.entity, f"an agent named {fields.get('name')!r} already exists") from exc
 
     def llm_secret(self, agent_id: str) -> str | None:

@@ -98,6 +98,7 @@ NO_ID = {
     "add",
     "list",
     "list_with_key_flags",
+    "page",
     "count",
     "create",
     "history",
@@ -161,6 +162,7 @@ def test_forged_contexts_mixing_b_with_a_ids_find_and_create_nothing(a_and_b, pr
     forged_agent = IsolationContext(tenant_b, ids_a["agent"], "qq")
     forged_chat = forged_agent.child(chat_stream_id=ids_a["stream"])
     assert Scoped(forged_chat).messages.history(50) == []
+    assert Scoped(forged_chat).messages.page(50) == []
     assert Scoped(forged_chat).memories.relevant() == []
     with pytest.raises(NotFound):
         Scoped(forged_chat).messages.by_message_id(ids_a["message_id"])

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from isolation import Conflict, IsolationContext, NotFound, Scoped, system
+from isolation import Conflict, InvalidValueError, IsolationContext, NotFound, Scoped, system
 from isolation.ids import chat_stream_id, hash_api_key, utcnow
 from tests.isolation.conftest import make_tenant
 
@@ -121,3 +121,18 @@ def test_agent_update_bumps_version_and_hides_the_secret(db):
     assert agents_mgr.llm_secret(agents[0]) == "encrypted-blob"
     with pytest.raises(ValueError, match="cannot update"):
         agents_mgr.update(agents[0], tenant_id="ten_other")
+
+
+def test_agent_constraint_violations_are_named_precisely(db):
+    tenant, agents, _ = make_tenant(2)
+    agents_mgr = Scoped(IsolationContext(tenant)).agents
+    other_name = agents_mgr.get(agents[1])["name"]
+    with pytest.raises(InvalidValueError, match="status"):
+        agents_mgr.update(agents[0], status="sleeping")
+    with pytest.raises(NotFound, match="agent template"):
+        agents_mgr.update(agents[0], template_id="no_such_template")
+    with pytest.raises(NotFound, match="agent template"):
+        agents_mgr.create(name="new", persona={}, config={}, llm={}, template_id="no_such_template")
+    with pytest.raises(Conflict, match=other_name):
+        agents_mgr.update(agents[0], name=other_name)
+    assert agents_mgr.update(agents[0], template_id="caring_friend", status="disabled")["status"] == "disabled"

@@ -1,0 +1,63 @@
+"""`python -m configurator`: serve the configurator with uvicorn.
+
+HOST (default 127.0.0.1), PORT (8000), DATABASE_URL (isolation's default), SECRET_KEY, ENVIRONMENT …
+come from the environment or `.env` (see configurator/core/config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from isolation.errors import SchemaVersionError
+from isolation.migrate import describe
+
+
+def describe_safely(url: str) -> str:
+    try:
+        return describe(url)
+    except ValueError:
+        return "the database (unparseable DATABASE_URL)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from configurator.core.config import Settings
+    from configurator.core.db import close_database, init_database
+    from configurator.main import create_app
+
+    parser = argparse.ArgumentParser(prog="python -m configurator", description=__doc__)
+    parser.add_argument("--host", default=None, help="default: HOST or 127.0.0.1")
+    parser.add_argument("--port", type=int, default=None, help="default: PORT or 8000")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        messages = "; ".join(str(err.get("ctx", {}).get("error") or err["msg"]) for err in exc.errors())
+        print(f"configurator: invalid settings: {messages}", file=sys.stderr)
+        return 2
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=updates)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = settings.resolved_database_url
+    try:
+        init_database(settings)  # refuse to start on an unknown schema, with the command to run
+    except (SchemaVersionError, ValueError) as exc:
+        print(f"configurator: {describe_safely(url)}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # cannot connect: say which database, never its password
+        print(f"configurator: cannot open {describe_safely(url)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        close_database()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Dependencies: the caller's access token, its tenant session, settings, pagination, path ids.
+
+The tenant of every request comes from the access token's `tid` *and* a membership row for
+(`tid`, `sub`) that still exists; nothing the client sends in a header, query or body chooses it.
+
+`CurrentPrincipal` checks the token itself (signature, expiry, issuer, audience, type) without I/O, so
+it is an ``async def`` dependency. The membership row is read by `principal.session(...)`, which a
+route opens in its own (sync, thread-pool) body: one thread hop and one connection per request, and
+the only way to get an `IsolationContext` or a `Scoped` for the tenant is through that check.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from configurator.core.config import Settings
+from configurator.core.db import connection
+from configurator.core.errors import forbidden, unauthorized
+from configurator.core.security import ACCESS, TokenError, TokenService
+from isolation import IsolationContext, NotFound, Scoped
+from isolation import db as isolation_db
+
+# Same alphabet as isolation's context ids: anything else cannot be one of our ids.
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+
+ANY_ROLE: tuple[str, ...] = ("owner", "admin", "member")
+ADMIN: tuple[str, ...] = ("owner", "admin")
+OWNER: tuple[str, ...] = ("owner",)
+
+bearer = HTTPBearer(auto_error=False, description="access token from /api/v1/auth/login or /register")
+
+
+def valid_id(value: str) -> bool:
+    return bool(_ID_RE.match(value))
+
+
+def membership_role(account_id: str, tenant_id: str) -> str | None:
+    """The account's role in the tenant, or None when it is not (or no longer) a member."""
+    if not (valid_id(account_id) and valid_id(tenant_id)):
+        return None
+    try:
+        with connection():
+            return Scoped(IsolationContext(tenant_id)).memberships.get(account_id)["role"]
+    except NotFound:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSession:
+    """A verified member of a tenant, inside an open database connection."""
+
+    account_id: str
+    role: str
+    ctx: IsolationContext
+
+    @property
+    def tenant_id(self) -> str:
+        return self.ctx.tenant_id
+
+    @property
+    def scoped(self) -> Scoped:
+        return Scoped(self.ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """What a valid access token claims: an account in a tenant (membership not yet checked)."""
+
+    account_id: str
+    tenant_id: str
+
+    @contextmanager
+    def session(self, roles: tuple[str, ...] = ANY_ROLE, *, write: bool = False) -> Iterator[TenantSession]:
+        """Open the connection, check the membership (401 when gone) and the role (403), and yield.
+
+        Reads share one transaction on PostgreSQL (one tenant binding); `write=True` makes the whole
+        body one write transaction (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing).
+        """
+        if not (valid_id(self.account_id) and valid_id(self.tenant_id)):
+            raise unauthorized("invalid token")
+        ctx = IsolationContext(self.tenant_id)
+        if write:
+            transaction = isolation_db.write_transaction()
+        elif isolation_db.is_postgres():
+            transaction = isolation_db.read_transaction()
+        else:  # SQLite reads need no BEGIN/COMMIT round (and no tenant binding)
+            transaction = nullcontext()
+        with connection(), transaction:
+            try:
+                role = Scoped(ctx).memberships.get(self.account_id)["role"]
+            except NotFound:
+                raise unauthorized("token no longer valid for this tenant") from None
+            if role not in roles:
+                raise forbidden(f"this needs the role {' or '.join(roles)} (you are {role})")
+            yield TenantSession(self.account_id, role, ctx)
+
+
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_tokens(request: Request) -> TokenService:
+    return request.app.state.tokens
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+TokensDep = Annotated[TokenService, Depends(get_tokens)]
+
+
+async def current_principal(
+    tokens: TokensDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise unauthorized("missing bearer token", invalid=False)
+    try:
+        claims = tokens.decode(credentials.credentials, ACCESS)
+    except TokenError as exc:
+        raise unauthorized(str(exc)) from None
+    return Principal(claims.account_id, claims.tenant_id)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+# ---- pagination -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Pagination:
+    limit: int
+    offset: int
+
+    def page(self, rows: list) -> tuple[list, int | None]:
+        """Rows were fetched with `limit + 1`: trim and tell the next offset (None on the last page)."""
+        if len(rows) > self.limit:
+            return rows[: self.limit], self.offset + self.limit
+        return rows, None
+
+
+async def pagination(
+    limit: Annotated[int, Query(ge=1, le=200, description="page size")] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="rows to skip")] = 0,
+) -> Pagination:
+    return Pagination(limit, offset)
+
+
+PageDep = Annotated[Pagination, Depends(pagination)]
+
+
+# ---- path ids: malformed ids are simply not found (never a database error) ---------------------
+def _checked(value: str, entity: str) -> str:
+    if not valid_id(value):
+        raise NotFound(entity)
+    return value
+
+
+async def _agent_id(agent_id: Annotated[str, Path()]) -> str:
+    return _checked(agent_id, "agent")
+
+
+async def _key_id(key_id: Annotated[str, Path()]) -> str:
+    return _checked(key_id, "api key")
+
+
+async def _stream_id(stream_id: Annotated[str, Path()]) -> str:
+    return _checked(stream_id, "chat stream")
+
+
+async def _memory_id(memory_id: Annotated[str, Path()]) -> str:
+    return _checked(memory_id, "memory")
+
+
+async def _template_id(template_id: Annotated[str, Path()]) -> str:
+    return _checked(template_id, "agent template")
+
+
+AgentId = Annotated[str, Depends(_agent_id)]
+KeyId = Annotated[str, Depends(_key_id)]
+StreamId = Annotated[str, Depends(_stream_id)]
+MemoryId = Annotated[str, Depends(_memory_id)]
+TemplateId = Annotated[str, Depends(_template_id)]

@@ -1,0 +1,128 @@
+"""Agents: persona, config and LLM settings validated by `isolation.agent_config`.
+
+Creating from a template starts from the template's persona and config; fields given in the request
+override them. Every update bumps the agent's `version` (the replier reloads on a new version). The
+LLM provider key (`llm.api_key`) is write-only: stored encrypted, reported only as `has_api_key`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import ValidationError
+
+from configurator.api.deps import ADMIN, AgentId, CurrentPrincipal, PageDep
+from configurator.core.errors import ApiError, responses
+from configurator.schemas import AgentCreate, AgentOut, AgentUpdate, DeletedCounts, LlmInput, Page
+from isolation import NotFound, system
+from isolation.agent_config import AgentConfig, LlmSettings, Persona
+from isolation.crypto import encrypt_secret
+
+router = APIRouter(prefix="/agents", tags=["agents"])
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _validated(model, base: dict, overlay: dict, field: str) -> dict:
+    try:
+        return model(**deep_merge(base or {}, overlay)).model_dump(mode="json")
+    except ValidationError as exc:
+        details = [{"loc": [field, *err["loc"]], "msg": err["msg"], "type": err["type"]} for err in exc.errors()]
+        raise ApiError(422, "validation_error", f"invalid {field}", details) from None
+
+
+def _given(model) -> dict:
+    return model.model_dump(mode="json", exclude_unset=True) if model is not None else {}
+
+
+def _llm_overlay(llm: LlmInput | None) -> dict:
+    return {k: v for k, v in _given(llm).items() if k != "api_key"}
+
+
+def agent_out(row: dict, has_api_key: bool) -> dict:
+    return {**row, "has_api_key": has_api_key}
+
+
+@router.post("", status_code=201, response_model=AgentOut, responses=responses(401, 403, 409, 413, 422))
+def create_agent(principal: CurrentPrincipal, body: AgentCreate) -> dict:
+    template: dict[str, Any] | None = None
+    with principal.session(ADMIN, write=True) as session:
+        if body.template_id is not None:
+            try:
+                template = system.get_template(body.template_id)
+            except NotFound:
+                raise ApiError(
+                    422, "validation_error", "unknown agent template", [{"loc": ["body", "template_id"]}]
+                ) from None
+        persona = _validated(Persona, template["persona"] if template else {}, _given(body.persona), "persona")
+        config = _validated(AgentConfig, template["config"] if template else {}, _given(body.config), "config")
+        llm = _validated(LlmSettings, {}, _llm_overlay(body.llm), "llm")
+        api_key = body.llm.api_key if body.llm is not None else None
+        row = session.scoped.agents.create(
+            name=body.name,
+            description=body.description,
+            template_id=body.template_id,
+            persona=persona,
+            config=config,
+            llm=llm,
+            llm_secret=encrypt_secret(api_key) if api_key else None,
+            status=body.status,
+        )
+    return agent_out(row, api_key is not None)
+
+
+@router.get("", response_model=Page[AgentOut], responses=responses(401, 422))
+def list_agents(principal: CurrentPrincipal, page: PageDep) -> dict:
+    with principal.session() as session:
+        rows = session.scoped.agents.list_with_key_flags(limit=page.limit + 1, offset=page.offset)
+    rows, next_offset = page.page(rows)
+    items = [agent_out(r, r.pop("has_llm_key")) for r in rows]
+    return {"items": items, "limit": page.limit, "offset": page.offset, "next_offset": next_offset}
+
+
+@router.get("/{agent_id}", response_model=AgentOut, responses=responses(401, 404))
+def get_agent(principal: CurrentPrincipal, agent_id: AgentId) -> dict:
+    with principal.session() as session:
+        agents = session.scoped.agents
+        row = agents.get(agent_id)
+        has_key = agents.llm_secret(agent_id) is not None
+    return agent_out(row, has_key)
+
+
+@router.patch("/{agent_id}", response_model=AgentOut, responses=responses(401, 403, 404, 409, 413, 422))
+def update_agent(principal: CurrentPrincipal, agent_id: AgentId, body: AgentUpdate) -> dict:
+    with principal.session(ADMIN, write=True) as session:
+        agents = session.scoped.agents
+        current = agents.get(agent_id)
+        fields: dict[str, Any] = {}
+        for name in ("name", "description", "status"):
+            value = getattr(body, name)
+            if value is not None:
+                fields[name] = value
+        if body.persona is not None:
+            fields["persona"] = _validated(Persona, current["persona"], _given(body.persona), "persona")
+        if body.config is not None:
+            fields["config"] = _validated(AgentConfig, current["config"], _given(body.config), "config")
+        if body.llm is not None:
+            fields["llm"] = _validated(LlmSettings, current["llm"], _llm_overlay(body.llm), "llm")
+            if "api_key" in body.llm.model_fields_set:
+                fields["llm_secret"] = encrypt_secret(body.llm.api_key) if body.llm.api_key else None
+        row = agents.update(agent_id, **fields) if fields else current
+        has_key = agents.llm_secret(agent_id) is not None
+    return agent_out(row, has_key)
+
+
+@router.delete("/{agent_id}", response_model=DeletedCounts, responses=responses(401, 403, 404))
+def delete_agent(principal: CurrentPrincipal, agent_id: AgentId) -> DeletedCounts:
+    """Delete the agent with its API keys, chat streams, messages, memories and LLM usage."""
+    with principal.session(ADMIN, write=True) as session:
+        return DeletedCounts(deleted=session.scoped.agents.delete(agent_id))

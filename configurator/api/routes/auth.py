@@ -1,0 +1,164 @@
+"""Registration, login, token refresh (rotating), logout and the current account."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from configurator.api.deps import CurrentPrincipal, SettingsDep, TokensDep, membership_role, valid_id
+from configurator.core.db import connection
+from configurator.core.errors import ApiError, forbidden, responses, unauthorized
+from configurator.core.ratelimit import SlidingWindowLimiter
+from configurator.core.security import ACCESS, REFRESH, PasswordHasher, TokenError
+from configurator.schemas import (
+    AuthResponse,
+    LoginRequest,
+    LogoutRequest,
+    MeResponse,
+    RefreshRequest,
+    RegisterRequest,
+    TokenPair,
+)
+from isolation import IsolationContext, NotFound, Scoped, system
+from isolation import db as isolation_db
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+
+async def _hasher(request: Request) -> PasswordHasher:
+    return request.app.state.hasher
+
+
+async def _limiter(request: Request) -> SlidingWindowLimiter:
+    return request.app.state.login_limiter
+
+
+HasherDep = Annotated[PasswordHasher, Depends(_hasher)]
+LimiterDep = Annotated[SlidingWindowLimiter, Depends(_limiter)]
+
+
+def _issue_pair(tokens, account_id: str, tenant_id: str) -> TokenPair:
+    """A new access token and a new stored refresh token (call inside an open connection)."""
+    access = tokens.issue(ACCESS, account_id, tenant_id)
+    refresh = tokens.issue(REFRESH, account_id, tenant_id)
+    Scoped(IsolationContext(tenant_id)).refresh_tokens.issue(refresh.jti, account_id, refresh.expires_at)
+    return TokenPair(
+        access_token=access.token,
+        refresh_token=refresh.token,
+        expires_in=access.expires_in,
+        refresh_expires_in=refresh.expires_in,
+    )
+
+
+@router.post("/register", status_code=201, response_model=AuthResponse, responses=responses(409, 413, 422))
+def register(body: RegisterRequest, tokens: TokensDep, hasher: HasherDep) -> AuthResponse:
+    """Create an account and its personal tenant (the account is its owner); returns tokens."""
+    password_hash = hasher.hash(body.password)  # slow on purpose: outside the transaction
+    email = str(body.email).lower()
+    with connection(), isolation_db.write_transaction():
+        account = system.create_account(body.username, email, password_hash)
+        tenant = system.create_tenant(body.tenant_name or f"{body.username}'s workspace", account["id"], "personal")
+        pair = _issue_pair(tokens, account["id"], tenant["id"])
+    return AuthResponse(account=account, tenant=tenant, role="owner", tokens=pair)
+
+
+@router.post("/login", response_model=AuthResponse, responses=responses(401, 403, 413, 422, 429))
+def login(
+    body: LoginRequest, request: Request, tokens: TokensDep, hasher: HasherDep, limiter: LimiterDep
+) -> AuthResponse:
+    """Sign in with username or email. Repeated failures for one (username, address) get 429."""
+    client = request.client.host if request.client else "unknown"
+    key = (body.username.strip().lower(), client)
+    wait = limiter.retry_after(key)
+    if wait is not None:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many failed logins, try again later",
+            {"retry_after": wait},
+            headers={"Retry-After": str(wait)},
+        )
+    login_name = body.username.lower() if "@" in body.username else body.username
+    with connection():
+        found = system.find_account_for_login(login_name) if _storable(login_name) else None
+    account, stored_hash = found if found else (None, None)
+    valid, new_hash = hasher.verify(body.password, stored_hash)
+    if not valid or account is None or account.get("status") != "active":
+        limiter.hit(key)
+        raise unauthorized("wrong username or password", invalid=False)
+    limiter.reset(key)
+    with connection():
+        if new_hash:
+            system.set_password_hash(account["id"], new_hash)
+        memberships = system.account_memberships(account["id"])
+        if body.tenant_id is not None:
+            memberships = [m for m in memberships if m["tenant_id"] == body.tenant_id]
+        if not memberships:
+            raise forbidden("this account is not a member of any (such) tenant")
+        chosen = memberships[0]
+        ctx = IsolationContext(chosen["tenant_id"])
+        tenant = Scoped(ctx).tenant.get()
+        pair = _issue_pair(tokens, account["id"], ctx.tenant_id)
+    account.pop("password_hash", None)
+    return AuthResponse(account=account, tenant=tenant, role=chosen["role"], tokens=pair)
+
+
+def _storable(text: str) -> bool:
+    return "\x00" not in text
+
+
+@router.post("/refresh", response_model=TokenPair, responses=responses(401, 413, 422))
+def refresh(body: RefreshRequest, tokens: TokensDep, settings: SettingsDep) -> TokenPair:
+    """Exchange a refresh token for a new pair. The old one stops working (rotation); presenting a
+    rotated token again revokes every refresh token of the account in that tenant."""
+    try:
+        claims = tokens.decode(body.refresh_token, REFRESH)
+    except TokenError as exc:
+        raise unauthorized(str(exc)) from None
+    if membership_role(claims.account_id, claims.tenant_id) is None or not valid_id(claims.jti):
+        raise unauthorized("refresh token no longer valid")
+    ctx = IsolationContext(claims.tenant_id)
+    access = tokens.issue(ACCESS, claims.account_id, claims.tenant_id)
+    new_refresh = tokens.issue(REFRESH, claims.account_id, claims.tenant_id)
+    try:
+        with connection():
+            Scoped(ctx).refresh_tokens.rotate(claims.jti, claims.account_id, new_refresh.jti, new_refresh.expires_at)
+    except NotFound:
+        raise unauthorized("refresh token revoked or already used") from None
+    return TokenPair(
+        access_token=access.token,
+        refresh_token=new_refresh.token,
+        expires_in=access.expires_in,
+        refresh_expires_in=new_refresh.expires_in,
+    )
+
+
+@router.post("/logout", status_code=204, response_class=Response, responses=responses(401, 413, 422))
+def logout(body: LogoutRequest, tokens: TokensDep) -> Response:
+    """Revoke the refresh token (and with `all_sessions`, every refresh token of the account).
+    Access tokens are short-lived and expire on their own."""
+    try:
+        claims = tokens.decode(body.refresh_token, REFRESH)
+    except TokenError as exc:
+        raise unauthorized(str(exc)) from None
+    if not (valid_id(claims.tenant_id) and valid_id(claims.jti)):
+        raise unauthorized("invalid token")
+    scoped = Scoped(IsolationContext(claims.tenant_id))
+    with connection():
+        try:
+            scoped.refresh_tokens.revoke(claims.jti)
+        except NotFound:
+            raise unauthorized("refresh token unknown") from None
+        if body.all_sessions:
+            scoped.refresh_tokens.revoke_all(claims.account_id)
+    return Response(status_code=204)
+
+
+@router.get("/me", response_model=MeResponse, responses=responses(401))
+def me(principal: CurrentPrincipal) -> MeResponse:
+    with principal.session() as session:
+        account = system.get_account(session.account_id)
+        tenant = session.scoped.tenant.get()
+        memberships = system.account_memberships(session.account_id)
+    return MeResponse(account=account, tenant=tenant, role=session.role, memberships=memberships)

@@ -1,0 +1,38 @@
+"""The caller's tenant: read, rename/configure (owner/admin), stats, delete (owner)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from configurator.api.deps import ADMIN, OWNER, CurrentPrincipal
+from configurator.core.errors import responses
+from configurator.schemas import DeletedCounts, TenantOut, TenantStats, TenantUpdate
+from isolation.cleanup import delete_tenant
+
+router = APIRouter(prefix="/tenant", tags=["tenant"])
+
+
+@router.get("", response_model=TenantOut, responses=responses(401))
+def get_tenant(principal: CurrentPrincipal) -> dict:
+    with principal.session() as session:
+        return session.scoped.tenant.get()
+
+
+@router.patch("", response_model=TenantOut, responses=responses(401, 403, 413, 422))
+def update_tenant(principal: CurrentPrincipal, body: TenantUpdate) -> dict:
+    with principal.session(ADMIN, write=True) as session:
+        return session.scoped.tenant.update(name=body.name, settings=body.settings)
+
+
+@router.get("/stats", response_model=TenantStats, responses=responses(401))
+def tenant_stats(principal: CurrentPrincipal) -> dict:
+    with principal.session() as session:
+        return session.scoped.tenant.stats()
+
+
+@router.delete("", response_model=DeletedCounts, responses=responses(401, 403))
+def remove_tenant(principal: CurrentPrincipal) -> DeletedCounts:
+    """Delete the tenant and all of its data (agents, keys, history, memberships, sessions).
+    Accounts stay; tokens for this tenant stop working at once."""
+    with principal.session(OWNER, write=True) as session:
+        return DeletedCounts(deleted=delete_tenant(session.tenant_id))

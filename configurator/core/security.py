@@ -1,0 +1,128 @@
+"""Passwords (Argon2id via pwdlib) and JWTs (PyJWT, HS256).
+
+Access and refresh tokens are both JWTs with `sub` (account id), `tid` (tenant id), `iat`, `exp`,
+`jti`, `iss`, `aud` and `typ`. They differ in audience and type, so one can never be used as the
+other. A refresh token's `jti` is stored (``refresh_tokens``) so logout and rotation can revoke it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import jwt
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
+
+from configurator.core.config import Settings
+
+ALGORITHM = "HS256"
+ACCESS = "access"
+REFRESH = "refresh"
+_REQUIRED_CLAIMS = ["sub", "tid", "iat", "exp", "jti", "iss", "aud", "typ"]
+
+
+class TokenError(Exception):
+    """A token is missing, malformed, expired, of the wrong type/audience or badly signed."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    account_id: str
+    tenant_id: str
+    jti: str
+    expires_at: datetime  # naive UTC, like every timestamp in the database
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str
+    jti: str
+    expires_at: datetime  # naive UTC
+    expires_in: int  # seconds
+
+
+class PasswordHasher:
+    """Argon2id hashing; unknown users are verified against a dummy hash so timing reveals nothing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._hash = PasswordHash(
+            (Argon2Hasher(time_cost=settings.password_hash_time_cost, memory_cost=settings.password_hash_memory_kib),)
+        )
+        self._dummy: str | None = None
+        self._lock = threading.Lock()
+
+    def hash(self, password: str) -> str:
+        return self._hash.hash(password)
+
+    def verify(self, password: str, password_hash: str | None) -> tuple[bool, str | None]:
+        """(valid, new hash when the stored one uses old parameters). `None` hash: a dummy check."""
+        if password_hash is None:
+            self._hash.verify(password, self._dummy_hash())
+            return False, None
+        try:
+            return self._hash.verify_and_update(password, password_hash)
+        except Exception:  # an unreadable stored hash never authenticates
+            return False, None
+
+    def _dummy_hash(self) -> str:
+        with self._lock:
+            if self._dummy is None:
+                self._dummy = self._hash.hash(secrets.token_urlsafe(16))
+            return self._dummy
+
+
+class TokenService:
+    def __init__(self, settings: Settings) -> None:
+        self._key = settings.secret_key
+        self._issuer = settings.jwt_issuer
+        self._audiences = {ACCESS: settings.jwt_audience, REFRESH: settings.jwt_refresh_audience}
+        self._lifetimes = {
+            ACCESS: timedelta(minutes=settings.access_token_minutes),
+            REFRESH: timedelta(days=settings.refresh_token_days),
+        }
+
+    def issue(self, kind: str, account_id: str, tenant_id: str, now: datetime | None = None) -> IssuedToken:
+        now = now or datetime.now(UTC)
+        lifetime = self._lifetimes[kind]
+        expires = now + lifetime
+        jti = secrets.token_urlsafe(16)
+        claims = {
+            "sub": account_id,
+            "tid": tenant_id,
+            "iat": int(now.timestamp()),
+            "exp": int(expires.timestamp()),
+            "jti": jti,
+            "iss": self._issuer,
+            "aud": self._audiences[kind],
+            "typ": kind,
+        }
+        token = jwt.encode(claims, self._key, algorithm=ALGORITHM)
+        expires_naive = datetime.fromtimestamp(claims["exp"], UTC).replace(tzinfo=None)
+        return IssuedToken(token, jti, expires_naive, int(lifetime.total_seconds()))
+
+    def decode(self, token: str, kind: str) -> TokenClaims:
+        if not token or len(token) > 4096:
+            raise TokenError("malformed token")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[ALGORITHM],
+                audience=self._audiences[kind],
+                issuer=self._issuer,
+                options={"require": _REQUIRED_CLAIMS},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise TokenError("token expired") from exc
+        except jwt.InvalidTokenError as exc:
+            raise TokenError("invalid token") from exc
+        if claims.get("typ") != kind:
+            raise TokenError("wrong token type")
+        sub, tid, jti = claims.get("sub"), claims.get("tid"), claims.get("jti")
+        if not all(isinstance(v, str) and v for v in (sub, tid, jti)):
+            raise TokenError("invalid token")
+        expires = datetime.fromtimestamp(int(claims["exp"]), UTC).replace(tzinfo=None)
+        return TokenClaims(sub, tid, jti, expires)

@@ -1,0 +1,272 @@
+"""Benchmark: authenticated `GET /api/v1/agents` (a tenant with 20 agents) against a bare FastAPI
+endpoint that returns the same JSON, in the same run, under the same uvicorn settings.
+
+    python perf/bench_configurator.py --database sqlite
+    python perf/bench_configurator.py --database postgresql --duration 10 --connections 16
+
+Both servers are real `uvicorn` subprocesses (one worker, log level warning). The load comes from a
+separate process: a small asyncio HTTP/1.1 keep-alive client (raw sockets, so the client is not the
+bottleneck), `--connections` concurrent connections, a warm-up and then `--duration` seconds of
+measurement per target. Printed: requests/s, p50/p95/p99 latency, errors, and the ratio
+configurator/baseline (goal: >= 0.4). `--json` also writes the numbers to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PATH = "/api/v1/agents"
+
+# ---------------------------------------------------------------------------------------------
+# The baseline: a bare FastAPI app serving the configurator's own response body, loaded from a file.
+try:
+    from fastapi import FastAPI
+
+    baseline_app = FastAPI()
+    _BASELINE_BODY: dict = {}
+
+    @baseline_app.get(PATH)
+    def _baseline_agents() -> dict:  # a sync route, like the configurator's
+        if not _BASELINE_BODY:
+            _BASELINE_BODY.update(json.loads(Path(os.environ["BENCH_BASELINE_JSON"]).read_text()))
+        return _BASELINE_BODY
+except ImportError:  # pragma: no cover - only when FastAPI is missing
+    baseline_app = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+@contextmanager
+def _server(cmd: list[str], env: dict, ready_url: str):
+    """Run a server subprocess until the block ends (SIGINT); its log is shown if it fails."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(ready_url, proc)
+        yield proc
+    except Exception:
+        log.seek(0)
+        sys.stderr.write(log.read().decode(errors="replace"))
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The load generator (runs in its own process).
+async def _connection(port: int, request: bytes, stop_at: float, record_from: float, out: list, errors: list):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while True:
+            start = time.perf_counter()
+            if start >= stop_at:
+                return
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            end = time.perf_counter()
+            if start >= record_from:
+                if status == 200:
+                    out.append(end - start)
+                else:
+                    errors.append(status)
+    finally:
+        writer.close()
+
+
+async def _load(port: int, token: str, connections: int, warmup: float, duration: float, path: str) -> dict:
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+        "Accept: application/json\r\nConnection: keep-alive\r\n\r\n"
+    ).encode()
+    now = time.perf_counter()
+    record_from, stop_at = now + warmup, now + warmup + duration
+    latencies: list[float] = []
+    errors: list[int] = []
+    await asyncio.gather(
+        *(_connection(port, request, stop_at, record_from, latencies, errors) for _ in range(connections))
+    )
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
+
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "rps": len(latencies) / duration,
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "mean_ms": statistics.fmean(latencies) * 1000 if latencies else float("nan"),
+    }
+
+
+def _load_process(port: int, token: str, connections: int, warmup: float, duration: float, path: str, queue) -> None:
+    queue.put(asyncio.run(_load(port, token, connections, warmup, duration, path)))
+
+
+def measure(port: int, token: str, connections: int, warmup: float, duration: float, path: str = PATH) -> dict:
+    """Run the load generator in a separate process against one server; returns its numbers."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_load_process, args=(port, token, connections, warmup, duration, path, queue))
+    proc.start()
+    deadline = time.monotonic() + warmup + duration + 60
+    while True:
+        try:
+            result = queue.get(timeout=1)
+            break
+        except Exception:
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"load generator failed (exit code {proc.exitcode})") from None
+    proc.join(timeout=10)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+def _seed(base: str, agents: int) -> tuple[str, dict]:
+    """A tenant with `agents` agents (made through the API); returns (access token, list response)."""
+    with httpx.Client(base_url=base, timeout=30) as http:
+        user = f"bench_{os.getpid()}"
+        reg = http.post(
+            "/api/v1/auth/register",
+            json={"username": user, "email": f"{user}@example.com", "password": "bench-password-123"},
+        )
+        reg.raise_for_status()
+        token = reg.json()["tokens"]["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        templates = [t["id"] for t in http.get("/api/v1/agent-templates", headers=headers).json()["items"]]
+        for i in range(agents):
+            http.post(
+                "/api/v1/agents",
+                json={"name": f"agent {i:02d}", "template_id": templates[i % len(templates)]},
+                headers=headers,
+            ).raise_for_status()
+        listed = http.get(PATH, headers=headers, params={"limit": agents})
+        listed.raise_for_status()
+        assert len(listed.json()["items"]) == agents
+        return token, listed.json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--agents", type=int, default=20)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per target")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from isolation.testing import provision_database
+
+    uvicorn_flags = ["--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"]
+    with provision_database(args.database) as db, tempfile.TemporaryDirectory() as tmp:
+        cfg_port, base_port = _free_port(), _free_port()
+        env = {
+            **os.environ,
+            "DATABASE_URL": db.url,
+            "SECRET_KEY": "bench-secret-key-0123456789abcdef0123456789",
+            "LOG_LEVEL": "warning",
+            "PYTHONPATH": str(ROOT),
+        }
+        env.pop("ENVIRONMENT", None)
+        if db.app_role:
+            env["DATABASE_APP_ROLE"] = db.app_role
+        # The configurator as `python -m configurator` would serve it, with the baseline's uvicorn flags.
+        cfg_cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "configurator.main:create_app",
+            "--port",
+            str(cfg_port),
+            *uvicorn_flags,
+        ]
+        with _server(cfg_cmd, env, f"http://127.0.0.1:{cfg_port}/health"):
+            token, body = _seed(f"http://127.0.0.1:{cfg_port}", args.agents)
+            body_path = Path(tmp) / "agents.json"
+            body_path.write_text(json.dumps(body))
+            base_env = {**env, "BENCH_BASELINE_JSON": str(body_path)}
+            base_cmd = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "perf.bench_configurator:baseline_app",
+                "--port",
+                str(base_port),
+                *uvicorn_flags,
+            ]
+            with _server(base_cmd, base_env, f"http://127.0.0.1:{base_port}{PATH}"):
+                print(
+                    f"database={args.database} agents={args.agents} connections={args.connections} "
+                    f"warmup={args.warmup}s duration={args.duration}s cpus={os.cpu_count()} "
+                    f"response={len(json.dumps(body))} bytes"
+                )
+                results = {}
+                for name, port in (("baseline (bare FastAPI)", base_port), ("configurator", cfg_port)):
+                    results[name] = measure(port, token, args.connections, args.warmup, args.duration)
+                    r = results[name]
+                    print(
+                        f"{name:<24} {r['rps']:>8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p95 {r['p95_ms']:6.2f} ms  "
+                        f"p99 {r['p99_ms']:6.2f} ms  requests {r['requests']}  errors {r['errors']}"
+                    )
+    ratio = results["configurator"]["rps"] / results["baseline (bare FastAPI)"]["rps"]
+    verdict = "meets" if ratio >= 0.4 else "BELOW"
+    print(f"ratio configurator/baseline = {ratio:.2f} ({verdict} the 0.4 goal)")
+    if args.json:
+        args.json.write_text(json.dumps({"database": args.database, "ratio": ratio, **results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

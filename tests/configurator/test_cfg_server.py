@@ -1,0 +1,101 @@
+"""`python -m configurator` as a real uvicorn process: register → create agent → create key over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from isolation import system
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(provisioned, tmp_path: Path):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "DATABASE_URL": provisioned.url,
+        "SECRET_KEY": "server-test-secret-key-0123456789abcdef",
+        "PASSWORD_HASH_TIME_COST": "1",
+        "PASSWORD_HASH_MEMORY_KIB": "8192",
+        "LOG_LEVEL": "debug",
+    }
+    env.pop("ENVIRONMENT", None)
+    if provisioned.app_role:
+        env["DATABASE_APP_ROLE"] = provisioned.app_role
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "configurator"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy:\n" + log_path.read_text()
+            time.sleep(0.1)
+        yield base, proc, log_path
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_real_server_register_agent_key(server, client):
+    """`client` only configures this process's database connection, to look the key up directly."""
+    base, proc, log_path = server
+    password = "server-test-password"
+    with httpx.Client(base_url=base, timeout=10) as http:
+        health = http.get("/health").json()
+        assert health["status"] == "ok"
+        reg = http.post(
+            "/api/v1/auth/register", json={"username": "srv_user", "email": "srv@example.com", "password": password}
+        )
+        assert reg.status_code == 201, reg.text
+        headers = {"Authorization": f"Bearer {reg.json()['tokens']['access_token']}"}
+        agent = http.post(
+            "/api/v1/agents",
+            json={"name": "server agent", "template_id": "efficient_helper", "llm": {"api_key": "sk-server-llm"}},
+            headers=headers,
+        )
+        assert agent.status_code == 201, agent.text
+        key = http.post(f"/api/v1/agents/{agent.json()['id']}/api-keys", json={"name": "bot"}, headers=headers)
+        assert key.status_code == 201, key.text
+        secret = key.json()["secret"]
+        principal = system.lookup_api_key(secret)
+        assert principal is not None and principal.agent_id == agent.json()["id"]
+        listed = http.get(f"/api/v1/agents/{agent.json()['id']}/api-keys", headers=headers)
+        assert listed.status_code == 200 and secret not in listed.text
+        assert http.get("/api/v1/agents").status_code == 401
+        too_big = http.post("/api/v1/agents", content=b"x" * (2 * 1024 * 1024), headers=headers)
+        assert too_big.status_code == 413
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 0
+    log = log_path.read_text()
+    assert "Application startup complete" in log and "Application shutdown complete" in log
+    for value in (password, secret, "sk-server-llm"):
+        assert value not in log

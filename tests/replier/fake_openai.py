@@ -1,0 +1,87 @@
+"""TEST DOUBLE: a tiny OpenAI-compatible `/v1/chat/completions` server for the replier's tests.
+
+Behaviour is chosen by the requested model name:
+* `fake-echo`: answers "LLM reply to: <last user message>" with token usage;
+* `fake-500`: HTTP 500 every time;
+* `fake-slow`: sleeps longer than any test timeout before answering;
+* `fake-delay`: answers like `fake-echo` after one second (a reply in flight at shutdown).
+Memory-extraction requests (system prompt asks to "extract one short fact") get "NONE" unless the
+user said "my name is X". Every request body is recorded in `requests` for assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+
+class FakeOpenAI:
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    async def _completions(self, request: Request) -> JSONResponse:
+        body = await request.json()
+        self.requests.append(body)
+        model = body.get("model", "")
+        messages = body.get("messages", [])
+        if model == "fake-500":
+            return JSONResponse({"error": {"message": "fake upstream failure"}}, status_code=500)
+        if model == "fake-slow":
+            await asyncio.sleep(5)
+        if model == "fake-delay":
+            await asyncio.sleep(1)
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        if "extract one short fact" in system:
+            match = re.search(r"my name is (\w+)", last_user, re.IGNORECASE)
+            text = f"The user's name is {match.group(1)}" if match else "NONE"
+        else:
+            text = f"LLM reply to: {last_user}"
+        return JSONResponse(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+            }
+        )
+
+    def start(self) -> FakeOpenAI:
+        app = Starlette(routes=[Route("/v1/chat/completions", self._completions, methods=["POST"])])
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="fake-openai", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake OpenAI server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
