@@ -1,0 +1,303 @@
+"""Replier throughput and latency next to its baselines, measured in one run.
+
+    python -m perf.bench_replier                 # default: a few minutes
+    python -m perf.bench_replier --hold 3000     # also: 3,000 open connections, 50 of them chatting
+    python -m perf.bench_replier --db sqlite --messages 200
+
+Servers (each its own process): maim_message's reference `WebSocketServer` echo (logs at WARNING),
+a bare python-socketio echo, and the replier's full pipeline (auth, validation, isolation context,
+inbound + reply + usage rows, history and memories, offline provider) on SQLite and PostgreSQL
+(fresh databases from `isolation.testing.provision_database`). The load comes from separate
+processes (perf/sio_loadgen.py): each client sends its next message after its reply.
+Server logs go to $TMPDIR/maitenant-bench-<server>.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not open")
+
+
+@contextmanager
+def process(cmd: list[str], env: dict | None = None, log_name: str = "server"):
+    log = open(os.path.join(tempfile.gettempdir(), f"maitenant-bench-{log_name}.log"), "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        log.close()
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Result:
+    name: str
+    clients: int
+    messages: int
+    rate: float
+    p50: float
+    p95: float
+    p99: float
+    errors: int
+    extra: str = ""
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def run_load(
+    name: str,
+    url: str,
+    keys: list[str],
+    *,
+    clients: int,
+    messages: int,
+    mode: str,
+    ack: bool,
+    procs: int,
+    warmup: int,
+    idle: int = 0,
+    idle_procs: int = 0,
+) -> Result:
+    procs = max(1, min(procs, clients))
+    loaders = []
+    per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    idle_per = [idle // idle_procs + (1 if i < idle % idle_procs else 0) for i in range(idle_procs)] if idle else []
+    offset = 0
+    specs = [(n, 0) for n in per] + [(0, n) for n in idle_per]
+    for chatting, idlers in specs:
+        cmd = [
+            sys.executable, "-m", "perf.sio_loadgen", "--url", url, "--keys", ",".join(keys),
+            "--clients", str(chatting), "--idle", str(idlers), "--messages", str(messages),
+            "--warmup", str(warmup), "--offset", str(offset), "--mode", mode,
+        ]  # fmt: skip
+        if ack:
+            cmd.append("--ack")
+        offset += chatting
+        loaders.append(
+            subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        )
+    connected = refused = 0
+    for loader in loaders:
+        line = loader.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"load generator failed to start: {line!r}")
+        parts = line.split()
+        connected += int(parts[1])
+        refused += int(parts[2].split("=")[1])
+    if idle:
+        time.sleep(3.0)  # let the server settle after the connect burst (it gc.freeze()s after bursts)
+    for loader in loaders:
+        loader.stdin.write("GO\n")
+        loader.stdin.flush()
+    results = []
+    for loader in loaders:
+        out = ""
+        for line in loader.stdout:
+            if line.startswith("RESULT "):
+                out = line[7:]
+        loader.wait(60)
+        results.append(json.loads(out))
+    chatting_results = [r for r, (c, _) in zip(results, specs, strict=True) if c]
+    latencies = [x for r in chatting_results for x in r["latencies"]]
+    start = min(r["start"] for r in chatting_results)
+    end = max(r["start"] + r["elapsed"] for r in chatting_results)
+    errors = sum(r["errors"] for r in results) + refused
+    extra = f"connected={connected}" if idle else ""
+    return Result(
+        name,
+        clients,
+        len(latencies),
+        len(latencies) / (end - start),
+        percentile(latencies, 0.50) * 1000,
+        percentile(latencies, 0.95) * 1000,
+        percentile(latencies, 0.99) * 1000,
+        errors,
+        extra,
+    )
+
+
+def make_keys(url: str, app_role: str | None, count: int) -> list[str]:
+    from isolation import IsolationContext, Scoped, system
+    from isolation import db as isolation_db
+
+    real = isolation_db.configure(url, app_role=app_role)
+    keys = []
+    for i in range(count):
+        account = system.create_account(f"bench{i}-{os.getpid()}", f"bench{i}-{os.getpid()}@example.com", "x")
+        tenant = system.create_tenant(f"bench-{i}", account["id"])
+        ctx = IsolationContext(tenant["id"])
+        agent = Scoped(ctx).agents.create(name=f"bench-agent-{i}", persona={"interests": ["speed"]}, config={}, llm={})
+        _, secret = Scoped(ctx).api_keys.create(agent["id"], name="bench")
+        keys.append(secret)
+    real.close()
+    if hasattr(real, "close_all"):
+        real.close_all()
+    return keys
+
+
+def print_table(results: list[Result], reference: dict[int, float]) -> None:
+    header = (
+        f"{'server':<36} {'clients':>7} {'msgs':>6} {'rt/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+        f"{'errors':>6} {'vs maim':>7}  note"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ref = reference.get(r.clients)
+        ratio = f"{r.rate / ref:.2f}x" if ref else "-"
+        print(
+            f"{r.name:<36} {r.clients:>7} {r.messages:>6} {r.rate:>8.0f} {r.p50:>7.1f} {r.p95:>7.1f} {r.p99:>7.1f} "
+            f"{r.errors:>6} {ratio:>7}  {r.extra}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default="sqlite,postgresql", help="replier databases to measure")
+    parser.add_argument("--messages", type=int, default=100, help="timed messages per client at 50 clients")
+    parser.add_argument("--single-messages", type=int, default=1000, help="timed messages with 1 client")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--procs", type=int, default=2, help="load generator processes for the concurrent run")
+    parser.add_argument("--hold", type=int, default=0, help="also hold this many connections (e.g. 3000)")
+    parser.add_argument("--hold-chatting", type=int, default=50)
+    parser.add_argument("--skip-baselines", action="store_true")
+    args = parser.parse_args()
+
+    from isolation.testing import provision_database
+
+    results: list[Result] = []
+    reference: dict[int, float] = {}
+    pyexe = sys.executable
+
+    def scenario(name, url, keys, mode, ack):
+        out = [
+            run_load(
+                name, url, keys, clients=1, messages=args.single_messages, mode=mode, ack=ack, procs=1,
+                warmup=args.warmup,
+            ),
+            run_load(
+                name, url, keys, clients=args.clients, messages=args.messages, mode=mode, ack=ack,
+                procs=args.procs, warmup=args.warmup,
+            ),
+        ]  # fmt: skip
+        for r in out:
+            print(
+                f"  {name}: {r.clients} client(s) {r.rate:.0f} rt/s p50 {r.p50:.1f} ms p99 {r.p99:.1f} ms", flush=True
+            )
+        return out
+
+    if not args.skip_baselines:
+        port = free_port()
+        with process([pyexe, "-m", "perf.echo_servers", "maim", "--port", str(port)], log_name="maim") as proc:
+            wait_port(port, proc)
+            time.sleep(0.5)
+            keys = [f"key-{i}" for i in range(args.clients)]
+            out = scenario("maim reference WebSocketServer echo", f"http://127.0.0.1:{port}", keys, "maim", True)
+            for r in out:
+                reference[r.clients] = r.rate
+            results += out
+        port = free_port()
+        with process([pyexe, "-m", "perf.echo_servers", "sio", "--port", str(port)], log_name="sio") as proc:
+            wait_http(f"http://127.0.0.1:{port}/health", proc)
+            results += scenario("bare python-socketio echo", f"http://127.0.0.1:{port}", ["k"], "echo", False)
+
+    for kind in [d.strip() for d in args.db.split(",") if d.strip()]:
+        with ExitStack() as stack:
+            try:
+                prov = stack.enter_context(provision_database(kind))
+            except Exception as exc:
+                print(f"  replier on {kind}: skipped ({exc})", flush=True)
+                continue
+            keys = make_keys(prov.url, prov.app_role, args.clients)
+            port = free_port()
+            env = dict(os.environ, DATABASE_URL=prov.url, PORT=str(port), LOG_LEVEL="warning", LLM_PROVIDER="")
+            env["MAX_CONNECTIONS"] = str(max(10_000, args.hold + 100))
+            if prov.app_role:
+                env["DATABASE_APP_ROLE"] = prov.app_role
+            proc = stack.enter_context(process([pyexe, "-m", "replier"], env=env, log_name=f"replier-{kind}"))
+            wait_http(f"http://127.0.0.1:{port}/health", proc)
+            url = f"http://127.0.0.1:{port}"
+            results += scenario(f"replier full pipeline ({kind})", url, keys, "maim", True)
+            if args.hold:
+                r = run_load(
+                    f"replier {args.hold} conns ({kind})", url, keys, clients=args.hold_chatting,
+                    messages=args.messages, mode="maim", ack=True, procs=args.procs, warmup=args.warmup,
+                    idle=args.hold - args.hold_chatting, idle_procs=3,
+                )  # fmt: skip
+                r.extra += f" replier RSS {rss_mb(proc.pid):.0f} MB"
+                print(f"  hold {args.hold}: {r.rate:.0f} rt/s p95 {r.p95:.1f} p99 {r.p99:.1f} {r.extra}", flush=True)
+                results.append(r)
+    print()
+    print(f"machine: {os.cpu_count()} cores; round trips = send, wait for the reply, send the next")
+    print_table(results, reference)
+
+
+if __name__ == "__main__":
+    main()

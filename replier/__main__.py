@@ -1,0 +1,99 @@
+"""`python -m replier`: serve the replier with uvicorn (uvloop + httptools when installed)."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+
+import uvicorn
+
+from isolation import db as isolation_db
+from isolation.errors import SchemaVersionError
+from isolation.migrate import check_schema
+from replier.app import create_app
+from replier.core.config import get_settings
+
+log = logging.getLogger("replier")
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard limit (many connections need many sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit above %d: %s", soft, exc)
+    return soft, hard
+
+
+class ReplierServer(uvicorn.Server):
+    """uvicorn closes connections first on shutdown; we finish in-flight replies before that."""
+
+    def __init__(self, config: uvicorn.Config, app) -> None:
+        super().__init__(config)
+        self._replier_app = app
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()
+        settings = self._replier_app.settings
+        await self._replier_app.replier.drain(settings.shutdown_grace_seconds)
+        await super().shutdown(sockets)
+
+
+def main() -> int:
+    settings = get_settings()
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("maim_message").setLevel(logging.WARNING)
+    soft, _ = raise_nofile_limit()
+    # The event loop and the database threads hand work back and forth for every message; the
+    # default 5 ms GIL switch interval turns each hand-off into a potential 5 ms stall.
+    sys.setswitchinterval(settings.gil_switch_interval)
+    try:
+        real = isolation_db.configure(settings.database_url)
+        check_schema(real)
+        real.close()
+    except SchemaVersionError as exc:
+        print(f"replier: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"replier: cannot open the database: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    try:
+        import httptools  # noqa: F401
+
+        http = "httptools"
+    except ImportError:
+        http = "h11"
+    log.info("open-files limit %d, loop %s, http %s", soft, loop, http)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop=loop,
+        http=http,
+        ws=settings.ws_impl,
+        lifespan="on",
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        backlog=4096,
+    )
+    ReplierServer(config, app).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

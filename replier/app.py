@@ -1,0 +1,120 @@
+"""The ASGI application: Starlette routes (/health, /metrics) with python-socketio mounted at /ws."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from contextlib import asynccontextmanager
+
+import socketio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from isolation import db as isolation_db
+from isolation.migrate import check_schema, describe
+from replier.core.config import ReplierSettings, get_settings
+from replier.metrics import Metrics
+from replier.pipeline import Replier
+from replier.store import Store
+from replier.transport import JsonPacket, OrjsonModule
+
+log = logging.getLogger("replier")
+
+SOCKETIO_PATH = "ws"
+
+
+def _ping_database() -> bool:
+    isolation_db.database.execute_sql("SELECT 1").fetchone()
+    return True
+
+
+def create_app(settings: ReplierSettings | None = None) -> socketio.ASGIApp:
+    """Build the app. The database is configured and checked in the lifespan (at start-up)."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+    sio = socketio.AsyncServer(
+        async_mode="asgi",
+        async_handlers=False,  # handlers only parse and enqueue; order per connection is kept
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
+        max_http_buffer_size=max(1_000_000, settings.max_payload_bytes * 4),
+        logger=False,
+        engineio_logger=False,
+        serializer=JsonPacket,
+        json=OrjsonModule,
+    )
+    store = Store(workers=1, batch_max=settings.db_batch_max)
+    replier = Replier(settings, sio, metrics, store)
+
+    async def health(request: Request) -> JSONResponse:
+        try:
+            await asyncio.wait_for(store.run(_ping_database), 5.0)
+            database = "ok"
+        except Exception as exc:
+            database = f"error: {type(exc).__name__}"
+        status = 200 if database == "ok" else 503
+        return JSONResponse(
+            {
+                "status": "ok" if status == 200 else "degraded",
+                "database": database,
+                "connections": len(replier.connections),
+                "accepting": replier._accepting,
+                "db_batches": store.batches,
+                "db_jobs": store.jobs,
+                "db_busy_seconds": round(store.busy_seconds, 3),
+                "db_cpu_seconds": round(store.cpu_seconds, 3),
+            },
+            status_code=status,
+        )
+
+    async def metrics_route(request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        real = isolation_db.configure(settings.database_url)
+        version = check_schema(real)
+        real.close()
+        workers = settings.db_workers or (2 if isolation_db.is_postgres() else 1)
+        store.workers = workers
+        store.start(asyncio.get_running_loop())
+        replier.start()
+        log.info(
+            "replier ready on ws://%s:%s/%s (database %s, schema v%d, %d db worker(s), max %d connections)",
+            settings.host,
+            settings.port,
+            SOCKETIO_PATH,
+            describe(settings.database_url),
+            version,
+            workers,
+            settings.max_connections,
+        )
+        if settings.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        try:
+            yield
+        finally:
+            await replier.drain(settings.shutdown_grace_seconds)
+            await replier.stop()
+            await asyncio.to_thread(store.stop)
+            database = isolation_db.database.obj
+            if database is not None:
+                if not database.is_closed():
+                    database.close()
+                if hasattr(database, "close_all"):
+                    database.close_all()
+            log.info("replier stopped")
+
+    web = Starlette(
+        routes=[Route("/health", health), Route("/metrics", metrics_route)],
+        lifespan=lifespan,
+    )
+    asgi = socketio.ASGIApp(sio, other_asgi_app=web, socketio_path=SOCKETIO_PATH)
+    asgi.replier = replier
+    asgi.settings = settings
+    return asgi

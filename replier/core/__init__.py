@@ -1,0 +1,1 @@
+"""Replier core: settings."""

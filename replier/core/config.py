@@ -1,0 +1,60 @@
+"""Replier settings (pydantic-settings: environment variables or `.env`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from isolation.config import DEFAULT_DATABASE_URL
+
+
+class ReplierSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8095, ge=0, le=65535)
+    database_url: str = DEFAULT_DATABASE_URL
+    log_level: str = "info"
+    ws_impl: str = Field(default="websockets-sansio", description="uvicorn websocket implementation")
+
+    # Connections
+    max_connections: int = Field(default=10_000, ge=1)
+    key_cache_seconds: float = Field(default=2.0, ge=0)
+    revocation_check_seconds: float = Field(default=3.0, gt=0)
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
+
+    # Input limits
+    max_text_bytes: int = Field(default=16 * 1024, ge=1)
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1024)
+    dedup_ttl_seconds: float = Field(default=3600.0, ge=0)
+
+    # Database work
+    db_workers: int = Field(default=0, ge=0, le=64, description="0 = 1 for SQLite, 2 for PostgreSQL")
+    db_batch_max: int = Field(default=256, ge=1)
+    agent_cache_seconds: float = Field(default=2.0, ge=0)
+    context_cache_seconds: float = Field(default=5.0, ge=0, description="history/memory cache per stream; 0 = off")
+    usage_flush_seconds: float = Field(default=5.0, gt=0)
+
+    # LLM (global default used when an agent's provider is "default")
+    llm_provider: str = Field(default="", description="openai | offline | empty (= offline)")
+    llm_base_url: str = ""
+    llm_model: str = ""
+    llm_api_key: str = ""
+    llm_timeout_seconds: float = Field(default=30.0, gt=0)
+    llm_max_retries: int = Field(default=2, ge=0, le=10)
+    llm_retry_backoff_seconds: float = Field(default=0.25, ge=0)
+    llm_concurrency: int = Field(default=16, ge=1)
+    llm_memory_extraction: bool = True
+
+    # Process
+    gc_freeze: bool = True
+    gil_switch_interval: float = Field(default=0.0005, gt=0, le=0.1)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ReplierSettings:
+    return ReplierSettings()

@@ -1,0 +1,115 @@
+"""OpenAI-compatible `/chat/completions` (OpenAI, DeepSeek, SiliconFlow, vLLM, Ollama) over httpx.
+
+Timeout per request, bounded retries with exponential backoff on timeouts, connection errors, 429 and
+5xx, and a semaphore limiting concurrent calls per provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from replier.llm.base import ChatMessage, LlmError, LlmRequest, LlmResult
+
+log = logging.getLogger("replier.llm.openai")
+
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_MEMORY_PROMPT = (
+    "From the user's last message, extract one short fact worth remembering about the user "
+    "(name, preference, plan). Answer with that single line, or with NONE if there is nothing."
+)
+
+
+class OpenAIProvider:
+    name = "openai"
+    offline = False
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 2,
+        backoff: float = 0.25,
+        concurrency: int = 16,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self._semaphore = asyncio.Semaphore(concurrency)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = client or httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+
+    async def complete(self, request: LlmRequest) -> LlmResult:
+        body = {
+            "model": request.model or self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "temperature": request.temperature,
+            "max_tokens": request.max_tokens,
+            "stream": False,
+        }
+        data = await self._post(body, request.timeout or self.timeout)
+        try:
+            text = data["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise LlmError(f"malformed completion response: {exc!r}") from None
+        if not isinstance(text, str) or not text.strip():
+            raise LlmError("the model returned an empty reply")
+        usage = data.get("usage") or {}
+        return LlmResult(
+            text=text.strip(),
+            provider=self.name,
+            model=str(data.get("model") or body["model"]),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+
+    async def extract_memory(self, request: LlmRequest, reply: str) -> str | None:
+        messages = [ChatMessage("system", _MEMORY_PROMPT), ChatMessage("user", request.user_text)]
+        result = await self.complete(
+            LlmRequest(messages=messages, model=request.model, temperature=0.0, max_tokens=64, timeout=request.timeout)
+        )
+        line = result.text.strip().splitlines()[0].strip() if result.text.strip() else ""
+        if not line or line.upper().rstrip(".") == "NONE":
+            return None
+        return line[:300]
+
+    async def _post(self, body: dict, timeout: float) -> dict:
+        url = f"{self.base_url}/chat/completions"
+        last_error = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff * (2 ** (attempt - 1)))
+            try:
+                async with self._semaphore:
+                    response = await self._client.post(url, json=body, timeout=timeout)
+            except httpx.TimeoutException:
+                last_error = f"timeout after {timeout:g}s"
+                continue
+            except httpx.HTTPError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                continue
+            if response.status_code == 200:
+                try:
+                    return response.json()
+                except ValueError:
+                    raise LlmError("completion response is not JSON") from None
+            last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+            if response.status_code not in _RETRY_STATUS:
+                break
+        log.warning("LLM call to %s failed: %s", self.base_url, last_error)
+        raise LlmError(last_error)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

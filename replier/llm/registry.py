@@ -1,0 +1,72 @@
+"""Provider instances shared by every agent with the same endpoint and key (one semaphore each)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from replier.llm.base import ProviderConfig
+from replier.llm.offline import OfflineProvider
+from replier.llm.openai import OpenAIProvider
+
+
+def make_provider(
+    kind: str,
+    *,
+    base_url: str | None = None,
+    model: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 30.0,
+    max_retries: int = 2,
+    backoff: float = 0.25,
+    concurrency: int = 16,
+):
+    """A provider by kind ("openai" or "offline")."""
+    if kind == "offline":
+        return OfflineProvider()
+    if kind == "openai":
+        if not base_url or not model:
+            raise ValueError("the openai provider needs base_url and model")
+        return OpenAIProvider(
+            base_url,
+            model=model,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            concurrency=concurrency,
+        )
+    raise ValueError(f"unknown provider {kind!r}")
+
+
+class ProviderRegistry:
+    def __init__(self, *, max_retries: int = 2, backoff: float = 0.25, concurrency: int = 16) -> None:
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.concurrency = concurrency
+        self.offline = OfflineProvider()
+        self._providers: dict[tuple[str, str], OpenAIProvider] = {}
+
+    def get(self, config: ProviderConfig):
+        if config.kind != "openai":
+            return self.offline
+        key_hash = hashlib.sha256((config.api_key or "").encode()).hexdigest()
+        key = (config.base_url or "", key_hash)
+        provider = self._providers.get(key)
+        if provider is None:
+            provider = make_provider(
+                "openai",
+                base_url=config.base_url,
+                model=config.model,
+                api_key=config.api_key,
+                timeout=config.timeout,
+                max_retries=self.max_retries,
+                backoff=self.backoff,
+                concurrency=self.concurrency,
+            )
+            self._providers[key] = provider
+        return provider
+
+    async def aclose(self) -> None:
+        for provider in self._providers.values():
+            await provider.aclose()
+        self._providers.clear()

@@ -1,0 +1,33 @@
+"""Prometheus metrics of one replier process (its own registry, served at GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("replier_connections", "Open Socket.IO connections", ["protocol"], registry=r)
+        self.connects = Counter("replier_connects", "Accepted connections", ["protocol"], registry=r)
+        self.refused = Counter("replier_connections_refused", "Refused connections", ["reason"], registry=r)
+        self.messages_in = Counter("replier_messages_in", "Chat messages received and accepted", registry=r)
+        self.messages_out = Counter("replier_messages_out", "Replies sent", registry=r)
+        self.duplicates = Counter("replier_duplicates", "Replayed messages (msg_id or message id)", registry=r)
+        self.rejected = Counter("replier_messages_rejected", "Inbound messages rejected", ["code"], registry=r)
+        self.reply_latency = Histogram(
+            "replier_reply_latency_seconds",
+            "From receiving a message to sending its reply",
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.llm_requests = Counter("replier_llm_requests", "LLM calls", ["provider", "outcome"], registry=r)
+        self.llm_errors = Counter("replier_llm_errors", "Failed LLM calls", ["provider"], registry=r)
+        self.revoked_closed = Counter(
+            "replier_revoked_connections_closed", "Connections closed after their key was revoked", registry=r
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
