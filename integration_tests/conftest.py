@@ -1,0 +1,201 @@
+"""Fixtures of the end-to-end suite: a fresh database of the leg's kind and both backends as subprocesses.
+
+`MAITENANT_TEST_DB=sqlite|postgresql` picks the leg (default sqlite). On the PostgreSQL leg an
+unreachable server skips the suite with the reason locally and fails it when `CI=true`.
+
+The servers are real `python -m configurator` and `python -m replier` processes on free ports, with
+their logs in files that are attached to the report of any failing test. They are stopped with
+SIGINT, so when the suite runs under `coverage run` (coverage's `patch = ["subprocess"]`) their
+coverage data is saved too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from isolation.testing import PostgresUnavailable, ProvisionedDatabase, provision_database
+
+ROOT = Path(__file__).resolve().parent.parent
+DB_KIND = os.environ.get("MAITENANT_TEST_DB", "sqlite")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+START_TIMEOUT = 60.0
+TEST_SECRET = "integration-suite-secret-key-0123456789abcdef"
+
+_running: list[Server] = []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str  # the module run with `python -m`
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+    _log: object | None = field(default=None, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.name], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.http_url}/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGINT (graceful: uvicorn shuts down, coverage saves its data), then SIGKILL if it hangs."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return process.returncode if process is not None else None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+
+@dataclass
+class Servers:
+    configurator: Server
+    replier: Server
+    database: ProvisionedDatabase
+
+    @property
+    def configurator_url(self) -> str:
+        return self.configurator.http_url
+
+    @property
+    def replier_url(self) -> str:
+        return f"ws://127.0.0.1:{self.replier.port}/ws"
+
+    def cli_args(self) -> list[str]:
+        """The CLI arguments that point a run at these servers (and their database, for cleanup)."""
+        args = ["--configurator-url", self.configurator_url, "--replier-url", self.replier_url]
+        args += ["--database-url", self.database.url, "--no-llm", "--no-progress"]
+        if self.database.app_role:
+            args += ["--database-app-role", self.database.app_role]
+        return args
+
+
+def server_env(database: ProvisionedDatabase, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    env.update(
+        HOST="127.0.0.1",
+        PORT=str(port),
+        DATABASE_URL=database.url,
+        SECRET_KEY=TEST_SECRET,
+        ENVIRONMENT="development",
+        LOG_LEVEL="info",
+        PYTHONUNBUFFERED="1",
+        # Cheap Argon2 parameters: the same code path, a fraction of the CPU on a small machine.
+        PASSWORD_HASH_TIME_COST="1",
+        PASSWORD_HASH_MEMORY_KIB="8192",
+        # Offline responder: deterministic replies, labelled as offline.
+        LLM_PROVIDER="",
+        KEY_CACHE_SECONDS="0.5",
+        REVOCATION_CHECK_SECONDS="1",
+        SHUTDOWN_GRACE_SECONDS="5",
+    )
+    if database.app_role:
+        env["DATABASE_APP_ROLE"] = database.app_role
+    return env
+
+
+@pytest.fixture(scope="session")
+def provisioned() -> Iterator[ProvisionedDatabase]:
+    """A fresh migrated database for the whole session (dropped at the end)."""
+    try:
+        with provision_database(DB_KIND) as database:
+            yield database
+    except PostgresUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL leg needs a server: {exc}")
+        pytest.skip(f"PostgreSQL leg skipped: {exc}")
+
+
+@pytest.fixture(scope="session")
+def servers(provisioned: ProvisionedDatabase, request: pytest.FixtureRequest) -> Iterator[Servers]:
+    """Both backends on free ports against the session database, healthy (logs kept if a test failed)."""
+    log_dir = Path(tempfile.mkdtemp(prefix="maitenant-e2e-"))
+    started: list[Server] = []
+    for name in ("configurator", "replier"):
+        port = free_port()
+        server = Server(name, port, server_env(provisioned, port), log_dir / f"{name}.log")
+        server.start()
+        started.append(server)
+        _running.append(server)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        pending = list(started)
+        while pending and time.monotonic() < deadline:
+            for server in list(pending):
+                if server.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{server.name} exited with {server.process.returncode} while starting:\n{server.log_tail()}"
+                    )
+                if server.healthy():
+                    pending.remove(server)
+            time.sleep(0.1)
+        if pending:
+            names = ", ".join(s.name for s in pending)
+            raise RuntimeError(
+                f"{names} not healthy after {START_TIMEOUT:.0f} s:\n" + "\n".join(s.log_tail() for s in pending)
+            )
+        yield Servers(started[0], started[1], provisioned)
+    finally:
+        codes = {server.name: server.stop() for server in started}
+        _running.clear()
+        if request.session.testsfailed:
+            print(f"\nserver logs kept in {log_dir}")
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    # After the session: a graceful stop must not have crashed either backend.
+    crashed = {name: code for name, code in codes.items() if code not in (0, -signal.SIGINT)}
+    if crashed:
+        pytest.fail(f"backends exited badly on SIGINT: {crashed}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the servers' recent logs to the report of a failing test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _running:
+        for server in _running:
+            report.sections.append((f"{server.name} log (last lines)", server.log_tail()))
