@@ -91,6 +91,10 @@ class RefreshRequest(RequestModel):
     refresh_token: str = Field(min_length=1, max_length=4096)
 
 
+class DeleteAccountRequest(RequestModel):
+    password: str = Field(min_length=1, max_length=256, json_schema_extra={"writeOnly": True})
+
+
 class LogoutRequest(RequestModel):
     refresh_token: str = Field(min_length=1, max_length=4096)
     all_sessions: bool = Field(default=False, description="also revoke every other refresh token of this account")

@@ -12,7 +12,7 @@ from peewee import fn
 
 from isolation import db as _db
 from isolation.context import IsolationContext
-from isolation.errors import NotFound
+from isolation.errors import Conflict, NotFound
 from isolation.models import TENANT_MODELS, Account, RefreshToken, Tenant
 from isolation.scoped import Scoped
 from isolation.system import account_memberships
@@ -89,16 +89,58 @@ def delete_by_prefix(prefix: str) -> dict[str, int]:
         # Memberships in tenants that survive (e.g. a bystander that invited this account) are
         # removed inside those tenants' own contexts, so the counts stay exact.
         for membership in account_memberships(account_id):
-            ctx = IsolationContext(membership["tenant_id"])
-            with _db.write_transaction():
-                _db.bind_tenant(ctx.tenant_id)
-                totals["refresh_tokens"] += (
-                    RefreshToken.delete()
-                    .where((RefreshToken.tenant_id == ctx.tenant_id) & (RefreshToken.account_id == account_id))
-                    .execute()
-                )
-            Scoped(ctx).memberships.delete(account_id)
-            totals["memberships"] += 1
+            _leave_tenant(account_id, membership["tenant_id"], totals)
         with _db.write_transaction():
             totals["accounts"] += Account.delete().where(Account.id == account_id).execute()
+    return dict(totals)
+
+
+def _leave_tenant(account_id: str, tenant_id: str, totals: Counter[str]) -> None:
+    """Remove one membership and its refresh tokens inside that tenant's own context."""
+    ctx = IsolationContext(tenant_id)
+    with _db.write_transaction():
+        _db.bind_tenant(ctx.tenant_id)
+        totals["refresh_tokens"] += (
+            RefreshToken.delete()
+            .where((RefreshToken.tenant_id == ctx.tenant_id) & (RefreshToken.account_id == account_id))
+            .execute()
+        )
+    Scoped(ctx).memberships.delete(account_id)
+    totals["memberships"] += 1
+
+
+def delete_account(account_id: str) -> dict[str, int]:
+    """Delete an account. Tenants it alone belongs to go with it; its memberships elsewhere are removed.
+
+    Raises `Conflict` (and deletes nothing) when the account is the only owner of a tenant that has
+    other members: that tenant must be handed over or deleted first.
+    """
+    sole_tenants: list[str] = []
+    shared_tenants: list[str] = []
+    blocking: list[str] = []
+    for membership in account_memberships(account_id):
+        members = Scoped(IsolationContext(membership["tenant_id"])).memberships.list(limit=500)
+        if len(members) == 1:
+            sole_tenants.append(membership["tenant_id"])
+            continue
+        shared_tenants.append(membership["tenant_id"])
+        other_owners = [m for m in members if m["role"] == "owner" and m["account_id"] != account_id]
+        if membership["role"] == "owner" and not other_owners:
+            blocking.append(membership["tenant_id"])
+    if blocking:
+        raise Conflict(
+            "account",
+            f"the account is the only owner of tenants with other members ({', '.join(blocking)}); "
+            "hand them over or delete them first",
+        )
+    totals: Counter[str] = Counter(_empty_counts())
+    totals["accounts"] = 0
+    for tenant_id in sole_tenants:
+        totals.update(delete_tenant(tenant_id))
+    for tenant_id in shared_tenants:
+        _leave_tenant(account_id, tenant_id, totals)
+    with _db.write_transaction():
+        totals["accounts"] += Account.delete().where(Account.id == account_id).execute()
+    if totals["accounts"] == 0:
+        raise NotFound("account")
     return dict(totals)

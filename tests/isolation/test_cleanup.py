@@ -110,3 +110,43 @@ def test_delete_by_prefix_removes_the_runs_tenants_and_accounts_only(db, provisi
 def test_short_prefixes_are_refused(db):
     with pytest.raises(ValueError, match="at least 3"):
         delete_by_prefix("a")
+
+
+def test_delete_account_takes_its_sole_tenants_and_leaves_shared_ones(db, provisioned):
+    from isolation.cleanup import delete_account
+
+    tenant, agents, owner = make_tenant(1)
+    _populate(tenant, agents, messages=1)
+    bystander, _, _ = make_tenant(1)
+    Scoped(IsolationContext(bystander)).memberships.add(owner, "member")
+    bystander_before = tenant_row_counts(provisioned, bystander)
+
+    counts = delete_account(owner)
+
+    assert counts["accounts"] == 1 and counts["tenants"] == 1
+    assert set(tenant_row_counts(provisioned, tenant).values()) == {0}
+    after = tenant_row_counts(provisioned, bystander)
+    assert after["memberships"] == bystander_before["memberships"] - 1
+    assert {k: v for k, v in after.items() if k != "memberships"} == {
+        k: v for k, v in bystander_before.items() if k != "memberships"
+    }
+    with pytest.raises(NotFound):
+        system.get_account(owner)
+    with pytest.raises(NotFound):
+        delete_account(owner)
+
+
+def test_delete_account_refuses_while_it_is_the_only_owner_of_a_shared_tenant(db, provisioned):
+    from isolation import Conflict
+    from isolation.cleanup import delete_account
+
+    tenant, _agents, owner = make_tenant(1)
+    guest = system.create_account("guest_of_shared", "guest_shared@example.test", "h")
+    Scoped(IsolationContext(tenant)).memberships.add(guest["id"], "member")
+    before = table_counts(provisioned)
+    with pytest.raises(Conflict, match="only owner"):
+        delete_account(owner)
+    assert table_counts(provisioned) == before
+    Scoped(IsolationContext(tenant)).memberships.set_role(guest["id"], "owner")
+    assert delete_account(owner)["memberships"] == 1  # another owner remains: the tenant stays
+    assert Scoped(IsolationContext(tenant)).agents.count() == 1

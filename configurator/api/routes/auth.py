@@ -13,6 +13,8 @@ from configurator.core.ratelimit import SlidingWindowLimiter
 from configurator.core.security import ACCESS, REFRESH, PasswordHasher, TokenError
 from configurator.schemas import (
     AuthResponse,
+    DeleteAccountRequest,
+    DeletedCounts,
     LoginRequest,
     LogoutRequest,
     MeResponse,
@@ -22,6 +24,7 @@ from configurator.schemas import (
 )
 from isolation import IsolationContext, NotFound, Scoped, system
 from isolation import db as isolation_db
+from isolation.cleanup import delete_account
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -162,3 +165,19 @@ def me(principal: CurrentPrincipal) -> MeResponse:
         tenant = session.scoped.tenant.get()
         memberships = system.account_memberships(session.account_id)
     return MeResponse(account=account, tenant=tenant, role=session.role, memberships=memberships)
+
+
+@router.delete("/me", response_model=DeletedCounts, responses=responses(401, 409, 413, 422))
+def delete_me(principal: CurrentPrincipal, body: DeleteAccountRequest, hasher: HasherDep) -> DeletedCounts:
+    """Delete the signed-in account (the password confirms it). Tenants it alone belongs to are
+    deleted with all their data; its memberships in other tenants are removed. 409 when it is the
+    only owner of a tenant that has other members."""
+    with principal.session():
+        account = system.get_account(principal.account_id)
+        found = system.find_account_for_login(account["username"])
+        stored_hash = found[1] if found else None
+        valid, _new_hash = hasher.verify(body.password, stored_hash)
+        if not valid:
+            raise unauthorized("password does not match")
+    with connection():
+        return DeletedCounts(deleted=delete_account(principal.account_id))
