@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Server:
     port: int
     env: dict[str, str]
     log_path: Path
+    args: tuple[str, ...] = ()  # command-line arguments after the module
     process: subprocess.Popen | None = None
     _log: object | None = field(default=None, repr=False)
 
@@ -59,7 +61,11 @@ class Server:
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.name], cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", self.name, *self.args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def healthy(self) -> bool:
@@ -140,13 +146,63 @@ def server_env(database: ProvisionedDatabase, port: int) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def provisioned() -> Iterator[ProvisionedDatabase]:
     """A fresh migrated database for the whole session (dropped at the end)."""
+    with leg_database(DB_KIND, in_ci=IN_CI) as database:
+        yield database
+
+
+@contextmanager
+def leg_database(kind: str, *, in_ci: bool) -> Iterator[ProvisionedDatabase]:
+    """`provision_database(kind)`; without a PostgreSQL server: fail in CI (the leg must run there),
+    skip with the reason elsewhere."""
     try:
-        with provision_database(DB_KIND) as database:
+        with provision_database(kind) as database:
             yield database
     except PostgresUnavailable as exc:
-        if IN_CI:
+        if in_ci:
             pytest.fail(f"PostgreSQL leg needs a server: {exc}")
         pytest.skip(f"PostgreSQL leg skipped: {exc}")
+
+
+def start_all(servers: list[Server], timeout: float = START_TIMEOUT) -> None:
+    """Start every server and wait until all answer /health; RuntimeError with their logs otherwise.
+
+    The caller stops them (also after a failure: some may be running).
+    """
+    for server in servers:
+        server.start()
+        _running.append(server)
+    deadline = time.monotonic() + timeout
+    pending = list(servers)
+    while pending and time.monotonic() < deadline:
+        for server in list(pending):
+            if server.process.poll() is not None:
+                raise RuntimeError(
+                    f"{server.name} exited with {server.process.returncode} while starting:\n{server.log_tail()}"
+                )
+            if server.healthy():
+                pending.remove(server)
+        time.sleep(0.1)
+    if pending:
+        names = ", ".join(s.name for s in pending)
+        raise RuntimeError(f"{names} not healthy after {timeout:g} s:\n" + "\n".join(s.log_tail() for s in pending))
+
+
+def stop_all(servers: list[Server], log_dir: Path, *, keep_logs: bool) -> dict[str, int | None]:
+    """Stop every server; keep their logs (and say where) when a test failed, else remove them."""
+    codes = {server.name: server.stop() for server in servers}
+    _running[:] = [server for server in _running if server not in servers]
+    if keep_logs:
+        print(f"\nserver logs kept in {log_dir}")
+    else:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return codes
+
+
+def check_graceful_exit(codes: dict[str, int | None]) -> None:
+    """A graceful stop (SIGINT) must not have crashed any backend."""
+    crashed = {name: code for name, code in codes.items() if code not in (0, -signal.SIGINT)}
+    if crashed:
+        pytest.fail(f"backends exited badly on SIGINT: {crashed}")
 
 
 @pytest.fixture(scope="session")
@@ -156,39 +212,13 @@ def servers(provisioned: ProvisionedDatabase, request: pytest.FixtureRequest) ->
     started: list[Server] = []
     for name in ("configurator", "replier"):
         port = free_port()
-        server = Server(name, port, server_env(provisioned, port), log_dir / f"{name}.log")
-        server.start()
-        started.append(server)
-        _running.append(server)
+        started.append(Server(name, port, server_env(provisioned, port), log_dir / f"{name}.log"))
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        pending = list(started)
-        while pending and time.monotonic() < deadline:
-            for server in list(pending):
-                if server.process.poll() is not None:
-                    raise RuntimeError(
-                        f"{server.name} exited with {server.process.returncode} while starting:\n{server.log_tail()}"
-                    )
-                if server.healthy():
-                    pending.remove(server)
-            time.sleep(0.1)
-        if pending:
-            names = ", ".join(s.name for s in pending)
-            raise RuntimeError(
-                f"{names} not healthy after {START_TIMEOUT:.0f} s:\n" + "\n".join(s.log_tail() for s in pending)
-            )
+        start_all(started)
         yield Servers(started[0], started[1], provisioned)
     finally:
-        codes = {server.name: server.stop() for server in started}
-        _running.clear()
-        if request.session.testsfailed:
-            print(f"\nserver logs kept in {log_dir}")
-        else:
-            shutil.rmtree(log_dir, ignore_errors=True)
-    # After the session: a graceful stop must not have crashed either backend.
-    crashed = {name: code for name, code in codes.items() if code not in (0, -signal.SIGINT)}
-    if crashed:
-        pytest.fail(f"backends exited badly on SIGINT: {crashed}")
+        codes = stop_all(started, log_dir, keep_logs=bool(request.session.testsfailed))
+    check_graceful_exit(codes)
 
 
 @pytest.hookimpl(hookwrapper=True)
