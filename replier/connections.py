@@ -11,8 +11,6 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from isolation.context import IsolationContext
-
 StreamKey = tuple[str, str, str, str]  # tenant, agent, platform, chat stream
 
 
@@ -28,10 +26,6 @@ class Connection:
     api_key: str  # echoed in replies' message_dim to this connection only
     connected_at: float = field(default_factory=time.time)
     streams: set = field(default_factory=set)
-
-    @property
-    def context(self) -> IsolationContext:
-        return IsolationContext(self.tenant_id, self.agent_id)
 
 
 def new_connection_id() -> str:

@@ -5,11 +5,6 @@ from __future__ import annotations
 MAX_MEMORY_CHARS = 300
 
 
-def memory_lines(rows: list[dict]) -> list[str]:
-    """Memory rows (newest first, as the scoped manager returns them) → prompt lines, oldest first."""
-    return [row["content"] for row in reversed(rows)]
-
-
 def worth_storing(candidate: str | None, existing: list[str]) -> str | None:
     """The cleaned memory line, or None when empty or already known (case-insensitive)."""
     if not candidate:

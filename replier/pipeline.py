@@ -58,6 +58,7 @@ _NEGATIVE_CACHE_SECONDS = 0.5
 _MAX_KNOWN_STREAMS = 200_000
 _MAX_CACHED_STREAMS = 50_000
 _MAX_DEDUP = 500_000
+_MAX_KEY_CACHE = 100_000
 _TOUCH_SECONDS = 30.0
 
 
@@ -209,7 +210,7 @@ class Replier:
             return cached[1]
         principal = await self.store.run(lookup_api_key, secret)
         ttl = self.settings.key_cache_seconds if principal is not None else _NEGATIVE_CACHE_SECONDS
-        if len(self._key_cache) > 100_000:
+        if len(self._key_cache) > _MAX_KEY_CACHE:
             self._key_cache.clear()
         self._key_cache[digest] = (now + ttl, principal)
         return principal

@@ -125,8 +125,8 @@ def _platform(value: Any) -> str:
 
 
 def _time(value: Any) -> float:
-    if value is None:
-        raise BadInput("missing_field", "message_info.time is required")
+    # A missing time never gets here: maim_message refuses an API message without one, and a legacy
+    # message without one is stamped with the server's time.
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
         raise BadInput("invalid_field", "message_info.time must be a unix timestamp")
     return float(value)
@@ -197,8 +197,7 @@ def segment_text(seg: dict, max_text_bytes: int) -> str:
 
 
 def _reply_to(seg: dict) -> str | None:
-    if seg.get("type") == "reply":
-        return _short(seg.get("data"), MAX_ID_CHARS)
+    # A lone top-level "reply" segment has no text and is refused before this is asked.
     if seg.get("type") == "seglist" and isinstance(seg.get("data"), list):
         for child in seg["data"]:
             if isinstance(child, dict) and child.get("type") == "reply":

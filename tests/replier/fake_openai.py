@@ -4,7 +4,10 @@ Behaviour is chosen by the requested model name:
 * `fake-echo`: answers "LLM reply to: <last user message>" with token usage;
 * `fake-500`: HTTP 500 every time;
 * `fake-slow`: sleeps longer than any test timeout before answering;
-* `fake-delay`: answers like `fake-echo` after one second (a reply in flight at shutdown).
+* `fake-delay`: answers like `fake-echo` after one second (a reply in flight at shutdown);
+* `fake-nomemory`: answers like `fake-echo`, but memory-extraction requests get HTTP 500;
+* `fake-malformed` / `fake-empty` / `fake-notjson` / `fake-400`: a response without choices, an
+  empty reply, a 200 that is not JSON, and a non-retryable HTTP 400.
 Memory-extraction requests (system prompt asks to "extract one short fact") get "NONE" unless the
 user said "my name is X". Every request body is recorded in `requests` for assertions.
 """
@@ -20,7 +23,7 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 
@@ -32,13 +35,21 @@ class FakeOpenAI:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    async def _completions(self, request: Request) -> JSONResponse:
+    async def _completions(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append(body)
         model = body.get("model", "")
         messages = body.get("messages", [])
         if model == "fake-500":
             return JSONResponse({"error": {"message": "fake upstream failure"}}, status_code=500)
+        if model == "fake-400":
+            return JSONResponse({"error": {"message": "bad request"}}, status_code=400)
+        if model == "fake-notjson":
+            return PlainTextResponse("this is not json")
+        if model == "fake-malformed":
+            return JSONResponse({"id": "chatcmpl-fake", "choices": []})
+        if model == "fake-empty":
+            return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": "  "}}]})
         if model == "fake-slow":
             await asyncio.sleep(5)
         if model == "fake-delay":
@@ -46,6 +57,8 @@ class FakeOpenAI:
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         if "extract one short fact" in system:
+            if model == "fake-nomemory":
+                return JSONResponse({"error": {"message": "extraction unavailable"}}, status_code=500)
             match = re.search(r"my name is (\w+)", last_user, re.IGNORECASE)
             text = f"The user's name is {match.group(1)}" if match else "NONE"
         else:
