@@ -160,7 +160,13 @@ class ConfiguratorClient:
         return await self.request("GET", "/tenant/stats", account=account)
 
     async def delete_tenant(self, account: Account) -> dict[str, int]:
+        """`DELETE /tenant`: the tenant and all its data; the account stays."""
         return (await self.request("DELETE", "/tenant", account=account))["deleted"]
+
+    async def delete_account(self, account: Account) -> dict[str, int]:
+        """`DELETE /auth/me`: the account and the tenant it alone belongs to, with all their data."""
+        response = await self.request("DELETE", "/auth/me", account=account, json={"password": account.password})
+        return response["deleted"]
 
     async def _all(self, path: str, account: Account, page_size: int = 200) -> list[dict]:
         items: list[dict] = []

@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL") or None,
-        help="database of the servers (default $DATABASE_URL): lets cleanup also remove the run's accounts, "
-        "which the API cannot delete; required by --cleanup-prefix",
+        help="database of the servers (default $DATABASE_URL): cleanup then also sweeps the run prefix in the "
+        "database (catches leftovers of interrupted runs); required by --cleanup-prefix",
     )
     parser.add_argument(
         "--database-app-role",

@@ -354,9 +354,9 @@ class Run:
         mode = ["http"]
         for account in self.accounts:
             try:
-                deleted.update(await self.api.delete_tenant(account))
+                deleted.update(await self.api.delete_account(account))
             except (ApiError, httpx.HTTPError) as exc:
-                failures.append(f"DELETE /tenant as {account.username}: {exc}")
+                failures.append(f"DELETE /auth/me as {account.username}: {exc}")
             self._advance("cleanup")
         if self.options.database_url:
             mode.append("database")
@@ -388,14 +388,13 @@ class Run:
             "deleted_total": sum(deleted.values()),
             "login_status_after": dict(Counter(str(s) for s in logins)),
             "accounts_left": accounts_left,
-            "complete": not failures and (accounts_left == 0 or not self.options.database_url),
+            "complete": not failures and accounts_left == 0,
             "failures": failures,
         }
-        if accounts_left and not self.options.database_url:
+        if accounts_left:
             self.cleanup_report["note"] = (
-                f"{accounts_left} account(s) without any tenant remain (the API cannot delete accounts); they cannot "
-                f"log in to anything. Remove them with --cleanup-prefix {self.prefix} --database-url URL "
-                f"or `invoke cleanup --prefix {self.prefix}`."
+                f"{accounts_left} account(s) of this run remain. Remove them with --cleanup-prefix {self.prefix} "
+                f"--database-url URL or `invoke cleanup --prefix {self.prefix}`."
             )
         self.errors.extend(failures)
 

@@ -188,8 +188,8 @@ def test_a_verify_step_that_crashes_is_reported_and_cleanup_still_runs():
     fake = FakeConfigurator(
         {
             "GET /agents/agt_c0/chat-streams": httpx.ConnectError("connection refused"),
-            "DELETE /tenant": (200, {"deleted": {"tenants": 1, "agents": 1}}),
-            "POST /auth/login": (403, {"error": {"code": "no_tenant"}}),
+            "DELETE /auth/me": (200, {"deleted": {"accounts": 1, "tenants": 1, "agents": 1}}),
+            "POST /auth/login": (401, {"error": {"code": "unauthorized"}}),
             "GET /tenant": (401, {"error": {"code": "unauthorized"}}),
         }
     )
@@ -200,22 +200,21 @@ def test_a_verify_step_that_crashes_is_reported_and_cleanup_still_runs():
     assert report["errors"] == ["verify: ConnectError: connection refused"]
     assert set(report["phase_s"]) == {"health", "setup", "connect", "conversations", "verify", "cleanup"}
     assert report["tenant_stats"] == [] and report["ok"] is False
-    assert "DELETE /tenant" in fake.calls
+    assert "DELETE /auth/me" in fake.calls
     cleanup = report["cleanup"]
     assert cleanup["mode"] == "http" and cleanup["complete"] is True
-    assert cleanup["deleted"] == {"agents": 1, "tenants": 1} and cleanup["login_status_after"] == {"403": 1}
-    # without database access the account stays; the report says how to remove it
-    assert cleanup["accounts_left"] == 1 and f"--cleanup-prefix {r.prefix}" in cleanup["note"]
+    assert cleanup["deleted"] == {"accounts": 1, "agents": 1, "tenants": 1}
+    assert cleanup["login_status_after"] == {"401": 1} and cleanup["accounts_left"] == 0 and "note" not in cleanup
 
 
 def test_every_cleanup_failure_is_reported(tmp_path):
-    """DELETE /tenant fails, the database has no schema, a login and a tenant still work afterwards."""
+    """DELETE /auth/me fails, the database has no schema, a login and a tenant still work afterwards."""
     stuck, gone = account("stuck"), account("gone")
     r = new_run(database_url=f"sqlite:///{tmp_path / 'no-schema.db'}")
     r.accounts = [stuck, gone]
     FakeConfigurator(
         {
-            "DELETE /tenant": by_token({"stuck": (500, "boom"), "gone": (200, {"deleted": {"tenants": 1}})}),
+            "DELETE /auth/me": by_token({"stuck": (500, "boom"), "gone": (200, {"deleted": {"tenants": 1}})}),
             "POST /auth/login": lambda request: (200, {}) if b'"stuck"' in request.content else (401, {}),
             "GET /tenant": by_token({"stuck": (200, {"id": "ten_stuck"}), "gone": (404, {})}),
         }
@@ -232,9 +231,9 @@ def test_every_cleanup_failure_is_reported(tmp_path):
     report = r.cleanup_report
     assert report["mode"] == "http+database" and report["complete"] is False
     assert report["deleted"] == {"tenants": 1} and report["login_status_after"] == {"200": 1, "401": 1}
-    assert report["accounts_left"] == 1 and "note" not in report  # with database access: no hint
+    assert report["accounts_left"] == 1 and f"--cleanup-prefix {r.prefix}" in report["note"]
     failures = report["failures"]
-    assert failures[0] == "DELETE /tenant as stuck: DELETE /tenant -> 500: boom"
+    assert failures[0] == "DELETE /auth/me as stuck: DELETE /auth/me -> 500: boom"
     assert failures[1].startswith("prefix cleanup in the database: SchemaVersionError: database schema is at version 0")
     assert failures[2:] == ["stuck can still log in", "tenants still reachable: ['stuck']"]
     assert r.errors == failures

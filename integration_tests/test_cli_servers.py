@@ -164,7 +164,7 @@ def test_an_expired_access_token_is_renewed_once(servers):
                 account.access_token = renewed
                 return stats, renewed, refused.value.status
             finally:
-                await api.delete_tenant(account)
+                await api.delete_account(account)
 
     stats, renewed, status = run(scenario())
     assert stats["members"] == 1 and stats["agents"] == 0
@@ -203,8 +203,9 @@ def test_an_interrupted_run_stops_chatting_but_cleans_up(servers):
     assert table_counts(servers.database) == before
 
 
-def test_cleanup_without_database_access_leaves_only_tenantless_accounts(servers, tmp_path):
-    """HTTP alone cannot delete accounts: they stay, cannot log in, and the summary says how to remove them."""
+def test_cleanup_over_http_alone_is_exact(servers, tmp_path):
+    """Without database access the run deletes its accounts and tenants through DELETE /auth/me."""
+    before = table_counts(servers.database)
     report_path = tmp_path / "report.json"
     args = [a for a in servers.cli_args() if a != "--no-progress"]
     cut = args.index("--database-url")
@@ -217,17 +218,11 @@ def test_cleanup_without_database_access_leaves_only_tenantless_accounts(servers
     report = json.loads(report_path.read_text())
     assert code == 0, output
     cleanup = report["cleanup"]
-    assert cleanup["mode"] == "http" and cleanup["complete"] is True and "accounts" not in cleanup["deleted"]
-    assert cleanup["login_status_after"] == {"403": 2} and cleanup["accounts_left"] == 2
-    assert "2 account(s) without any tenant remain" in cleanup["note"] and "note:" in output
+    assert cleanup["mode"] == "http" and cleanup["complete"] is True and cleanup["deleted"]["accounts"] == 2
+    assert cleanup["login_status_after"] == {"401": 2} and cleanup["accounts_left"] == 0 and "note" not in cleanup
     # the progress bar was shown (no --no-progress): its phases are in the output
     assert "register users, agents, keys" in output and "conversations (messages answered)" in output
-    prefix = report["run_prefix"]
-    remove = ["--cleanup-prefix", prefix, "--database-url", servers.database.url]
-    if servers.database.app_role:
-        remove += ["--database-app-role", servers.database.app_role]
-    code, output = run_cli(remove)
-    assert code == 0 and "accounts" in output
+    assert table_counts(servers.database) == before
     usernames = [a["username"] for a in report["created"]["accounts"]]
 
     async def logins() -> list[int]:

@@ -334,7 +334,7 @@ def two_tenants(servers):
     args = ["--cleanup-prefix", prefix, "--database-url", servers.database.url]
     if servers.database.app_role:
         args += ["--database-app-role", servers.database.app_role]
-    code, output = run_cli(args)  # the accounts (the API cannot delete accounts)
+    code, output = run_cli(args)  # the accounts (DELETE /tenant keeps them)
     assert code == 0, output
 
 
