@@ -81,10 +81,7 @@ def delete_by_prefix(prefix: str) -> dict[str, int]:
     """Delete the tenants of `tenants_with_prefix` and the accounts whose username starts with it."""
     totals: Counter[str] = Counter(_empty_counts())
     for tenant_id in tenants_with_prefix(prefix):
-        try:
-            totals.update(delete_tenant(tenant_id))
-        except NotFound:
-            continue
+        totals.update(delete_tenant(tenant_id))
     for account_id in _accounts_with_prefix(prefix):
         # Memberships in tenants that survive (e.g. a bystander that invited this account) are
         # removed inside those tenants' own contexts, so the counts stay exact.

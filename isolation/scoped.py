@@ -471,9 +471,9 @@ class ApiKeyManager(_Manager):
         expires_at: datetime | None = None,
     ) -> tuple[dict, str]:
         """Create a key for one of the tenant's agents; returns (row, secret). The secret is not stored."""
-        Scoped(self.ctx).agents.get(agent_id)  # NotFound for a foreign or missing agent
-        if self.ctx.agent_id is not None and self.ctx.agent_id != agent_id:
-            raise NotFound("agent")
+        # NotFound for a foreign or missing agent, and for a sibling when the context names an agent
+        # (the agents manager filters by the context's agent id too).
+        Scoped(self.ctx).agents.get(agent_id)
         secret = new_api_key_secret()
         key_id = new_id("key")
         with self._writing():

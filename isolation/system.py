@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from peewee import IntegrityError, fn
+from peewee import IntegrityError
 
 from isolation import db as _db
 from isolation.context import IsolationContext
@@ -140,12 +140,6 @@ def create_tenant(
     return row
 
 
-def delete_account(account_id: str) -> int:
-    """Delete an account row (its tenants are removed separately by `cleanup.delete_tenant`)."""
-    with _db.write_transaction():
-        return Account.delete().where(Account.id == account_id).execute()
-
-
 def list_templates() -> list[dict]:
     return list(AgentTemplate.select().order_by(AgentTemplate.id).dicts())
 
@@ -155,7 +149,3 @@ def get_template(template_id: str) -> dict:
     if row is None:
         raise NotFound("agent template")
     return row
-
-
-def count_accounts() -> int:
-    return Account.select(fn.COUNT(1)).scalar() or 0

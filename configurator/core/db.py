@@ -27,12 +27,8 @@ def init_database(settings: Settings) -> int:
     Raises `isolation.errors.SchemaVersionError` (with the command to run) on an unknown schema.
     """
     real = isolation_db.configure(settings.resolved_database_url, app_role=settings.database_app_role)
-    try:
-        with real.connection_context():
-            return check_schema(real)
-    finally:
-        if not real.is_closed():
-            real.close()
+    with real.connection_context():  # closes (returns to the pool) on the way out, even on errors
+        return check_schema(real)
 
 
 def close_database() -> None:

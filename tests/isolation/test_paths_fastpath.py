@@ -1,0 +1,124 @@
+"""`isolation.fastpath` from the isolation suite: scoping, idempotence, refusals, both dialects."""
+
+from __future__ import annotations
+
+import pytest
+
+from isolation import IsolationContext, Scoped, fastpath
+from isolation import db as isolation_db
+from isolation.errors import IsolationViolationError
+from tests.isolation.conftest import make_tenant
+
+
+def _stream_ctx(tenant_id: str, agent_id: str, platform: str, user_id: str) -> IsolationContext:
+    row = Scoped(IsolationContext(tenant_id, agent_id, platform)).chat_streams.get_or_create(user_id=user_id)
+    return IsolationContext(tenant_id, agent_id, platform, row["id"])
+
+
+@pytest.fixture
+def streams(db):
+    tenant_a, agents_a, _ = make_tenant(2)
+    tenant_b, agents_b, _ = make_tenant(1)
+    return {
+        "a": _stream_ctx(tenant_a, agents_a[0], "qq", "u1"),
+        "a_other_agent": _stream_ctx(tenant_a, agents_a[1], "qq", "u1"),
+        "a_wechat": _stream_ctx(tenant_a, agents_a[0], "wechat", "u1"),
+        "b": _stream_ctx(tenant_b, agents_b[0], "qq", "u1"),
+    }
+
+
+def test_module_functions_store_and_read_only_their_stream(streams):
+    a, b = streams["a"], streams["b"]
+    with isolation_db.write_transaction():
+        assert fastpath.insert_message(a, message_id="m1", direction="in", text="hi", segments=[{"t": "文"}])
+        assert not fastpath.insert_message(a, message_id="m1", direction="in", text="replayed", segments=[])
+        assert fastpath.insert_message(
+            a, message_id="m2", direction="out", text="yo", segments=[], sender_user_id="bot", reply_to="m1"
+        )
+        fastpath.record_usage(a, provider="offline", model="offline", outcome="offline", prompt_tokens=3)
+        # Same message id in another tenant's stream and in a sibling agent's stream: separate rows.
+        assert fastpath.insert_message(b, message_id="m1", direction="in", text="b's", segments=[])
+        assert fastpath.insert_message(streams["a_other_agent"], message_id="m1", direction="in", text="x", segments=[])
+    with isolation_db.write_transaction():
+        assert fastpath.message_text(a, "m1") == "hi"
+        assert fastpath.message_text(b, "m1") == "b's"
+        assert fastpath.message_text(a, "missing") is None
+        recent = fastpath.recent_messages(a, 10)
+        assert [(m["message_id"], m["direction"], m["text"]) for m in recent] == [
+            ("m1", "in", "hi"),
+            ("m2", "out", "yo"),
+        ]
+        assert recent[1]["sender_user_id"] == "bot"
+        assert fastpath.recent_messages(a, 0) == []
+    stored = Scoped(a).messages.by_message_id("m1")
+    assert stored["segments"] == [{"t": "文"}] and stored["tenant_id"] == a.tenant_id
+    usage = Scoped(a).llm_usage.list()
+    assert [(u["provider"], u["prompt_tokens"], u["chat_stream_id"]) for u in usage] == [
+        ("offline", 3, a.chat_stream_id)
+    ]
+    assert Scoped(b).llm_usage.list() == []
+
+
+def test_memories_visible_in_a_chat_are_agent_platform_and_chat_wide_only(streams):
+    a = streams["a"]
+    Scoped(a.child()).memories.add("agent wide", level="agent")
+    Scoped(IsolationContext(a.tenant_id, a.agent_id, "qq")).memories.add("qq wide", level="platform")
+    Scoped(a).memories.add("this chat", level="chat")
+    Scoped(streams["a_wechat"]).memories.add("wechat chat", level="chat")
+    Scoped(IsolationContext(a.tenant_id, a.agent_id, "wechat")).memories.add("wechat wide", level="platform")
+    Scoped(streams["a_other_agent"]).memories.add("sibling agent", level="chat")
+    Scoped(streams["b"]).memories.add("tenant b", level="chat")
+    with isolation_db.read_transaction():
+        assert sorted(fastpath.relevant_memories(a, 10)) == ["agent wide", "qq wide", "this chat"]
+        assert len(fastpath.relevant_memories(a, 2)) == 2
+        assert fastpath.relevant_memories(a, 0) == []
+        assert fastpath.relevant_memories(streams["b"], 10) == ["tenant b"]
+
+
+def test_reply_with_usage_writes_both_rows_in_the_stream(streams):
+    a = streams["a"]
+    with isolation_db.write_transaction():
+        session = fastpath.ChatSession(a)
+        session.insert_reply_with_usage(
+            {"message_id": "r1", "direction": "out", "text": "answer", "segments": [], "sender_nickname": "bot"},
+            {"provider": "openai", "model": "m", "outcome": "error", "error": "HTTP 500", "latency_ms": 12},
+        )
+        # A replayed reply id keeps the first text; the usage row is still recorded.
+        session.insert_reply_with_usage(
+            {"message_id": "r1", "direction": "out", "text": "other", "segments": []},
+            {"provider": "openai", "model": "m", "outcome": "ok", "completion_tokens": 4},
+        )
+    reply = Scoped(a).messages.by_message_id("r1")
+    assert (reply["text"], reply["direction"], reply["sender_nickname"]) == ("answer", "out", "bot")
+    usage = sorted(Scoped(a).llm_usage.list(), key=lambda u: u["outcome"])
+    assert [(u["outcome"], u["error"], u["latency_ms"], u["completion_tokens"]) for u in usage] == [
+        ("error", "HTTP 500", 12, 0),
+        ("ok", None, 0, 4),
+    ]
+    assert Scoped(streams["b"]).messages.count() == 0
+
+
+def test_bad_input_and_wrong_context_are_refused_before_any_write(streams):
+    a = streams["a"]
+    with isolation_db.write_transaction():
+        session = fastpath.ChatSession(a)
+        with pytest.raises(ValueError, match="direction"):
+            session.insert_message(message_id="x", direction="sideways", text="t", segments=[])
+        with pytest.raises(ValueError, match="NUL"):
+            session.insert_message(message_id="x", direction="in", text="t", segments=[], sender_nickname="a\x00")
+    assert Scoped(a).messages.count() == 0
+    for too_wide in (IsolationContext(a.tenant_id), IsolationContext(a.tenant_id, a.agent_id, "qq")):
+        with isolation_db.write_transaction(), pytest.raises(IsolationViolationError):
+            fastpath.ChatSession(too_wide)
+    with pytest.raises(RuntimeError, match="inside a transaction"):
+        fastpath.message_text(a, "x")
+
+
+def test_an_unconfigured_database_is_reported(streams):
+    saved = isolation_db.database.obj
+    isolation_db.database.initialize(None)
+    try:
+        with pytest.raises(RuntimeError, match="not configured"):
+            fastpath.ChatSession(streams["a"])
+    finally:
+        isolation_db.database.initialize(saved)
