@@ -88,6 +88,7 @@ def db_upgrade(c: Context, database_url: str | None = None) -> None:
         "detach": "return once both are healthy; pid files and logs go to --run-dir",
         "run-dir": "where --detach writes pid files and logs (default ./run)",
         "timeout": "seconds to wait for both /health endpoints",
+        "upgrade": "run db-upgrade first (default); --no-upgrade when migrations run separately as the owner",
     }
 )
 def start_servers(
@@ -99,6 +100,7 @@ def start_servers(
     detach: bool = False,
     run_dir: str | None = None,
     timeout: float = 30.0,
+    upgrade: bool = True,
 ) -> None:
     """Upgrade the database, then run the configurator and the replier (Ctrl-C stops both)."""
     url = _database_url(database_url)
@@ -111,7 +113,16 @@ def start_servers(
                 f"(`invoke stop-servers` if it is MaiTenant) or pass --{name}-port.",
                 code=1,
             )
-    db_upgrade(c, database_url=url)
+    if upgrade:
+        try:
+            db_upgrade(c, database_url=url)
+        except Exception as exc:  # shown to the user with what to do, not as a traceback
+            raise Exit(
+                f"error: db-upgrade failed: {exc}\nMigrations need the schema owner: run "
+                "`invoke db-upgrade --database-url OWNER_URL`, then start with --no-upgrade "
+                "(and DATABASE_APP_ROLE set to the application role).",
+                code=1,
+            ) from None
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     processes: dict[str, subprocess.Popen] = {}
@@ -298,7 +309,7 @@ def integration(
     raise Exit(code=subprocess.call(args, cwd=ROOT))
 
 
-@task
-def load(c: Context) -> None:
-    """Headless locust runs against freshly started backends (see `nox -s load`)."""
-    c.run("nox -s load", pty=False)
+@task(help={"args": 'options for perf/load_run.py, e.g. "--database postgresql --users 50 --max-p95-ms 500"'})
+def load(c: Context, args: str = "") -> None:
+    """Headless locust runs against freshly started backends (`nox -s load`, options passed through)."""
+    c.run(f"nox -s load -- {args}" if args else "nox -s load", pty=False)

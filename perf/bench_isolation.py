@@ -5,11 +5,13 @@
 Seeds `--messages` messages over `--tenants` tenants (one agent and 10 chat streams each) in a fresh
 database per kind, then times, in the same process and run:
 
-* baseline  - a hand-written peewee query (`Message.select().where(tenant, stream).order_by().limit()`)
+* baseline  - a hand-written peewee query (`Message.select().where(tenant, agent, platform, stream)...`)
               run by the schema owner: no row-level security, no tenant binding;
 * scoped    - `Scoped(ctx).messages.history(limit)` as the application role (on PostgreSQL: its own
               transaction with `set_config('app.tenant_id', ...)` and the RLS policy applied);
-* both again inside one request transaction (how the configurator's routes run them).
+* both again in three shapes: one query per transaction; all queries (random tenants) in one
+  transaction, which makes the scoped side re-bind the tenant almost every query; and requests of
+  5 queries for one tenant, a transaction each (how a configurator route uses the database).
 
 Prints each time per query and the ratio scoped / baseline. This file is the one module outside
 `isolation/` allowed to use a model directly: the unscoped baseline is the point of the comparison.
@@ -103,22 +105,42 @@ def scoped_history(ctx: IsolationContext) -> list[dict]:
 def timed_pair(base_fn, base_db, scoped_fn, scoped_db, contexts, order, in_transaction: bool, rounds: int = 7):
     """Median seconds per query of baseline and scoped, rounds interleaved (A B A B ...).
 
-    Interleaving keeps the ratio honest on a busy machine: drift hits both sides alike.
+    Interleaving keeps the ratio honest on a busy machine: drift hits both sides alike. `order` is a
+    list of indices (one query each) or, for requests, a list of lists (one transaction each).
     """
     samples: dict[str, list[float]] = {"baseline": [], "scoped": []}
+    queries = sum(len(r) for r in order) if order and isinstance(order[0], list) else len(order)
     for _ in range(rounds):
         for label, fn, db in (("baseline", base_fn, base_db), ("scoped", scoped_fn, scoped_db)):
             isolation_db.database.initialize(db)
             begin = time.perf_counter()
-            if in_transaction:
+            if order and isinstance(order[0], list):
+                for request in order:
+                    # each side opens a request the way its code would: a plain transaction for the
+                    # baseline, `tenant_transaction` (BEGIN and the tenant binding together) when scoped
+                    tenant = contexts[request[0]].tenant_id
+                    with db.atomic() if label == "baseline" else isolation_db.tenant_transaction(tenant):
+                        for i in request:
+                            fn(contexts[i])
+            elif in_transaction:
                 with db.atomic():
                     for i in order:
                         fn(contexts[i])
             else:
                 for i in order:
                     fn(contexts[i])
-            samples[label].append((time.perf_counter() - begin) / len(order))
+            samples[label].append((time.perf_counter() - begin) / queries)
     return statistics.median(samples["baseline"]), statistics.median(samples["scoped"])
+
+
+def requests_of_one_tenant(contexts: list[IsolationContext], count: int, per_request: int = 5) -> list[list[int]]:
+    """`count` requests, each `per_request` history queries of random streams of one random tenant."""
+    by_tenant: dict[str, list[int]] = {}
+    for i, ctx in enumerate(contexts):
+        by_tenant.setdefault(ctx.tenant_id, []).append(i)
+    tenants = sorted(by_tenant)
+    rng = random.Random(11)
+    return [[rng.choice(by_tenant[rng.choice(tenants)]) for _ in range(per_request)] for _ in range(count)]
 
 
 def run(kind: str, tenants: int, messages: int, queries: int) -> dict[str, float] | None:
@@ -153,13 +175,18 @@ def run(kind: str, tenants: int, messages: int, queries: int) -> dict[str, float
         results["baseline_tx"], results["scoped_tx"] = timed_pair(
             baseline_history, owner, scoped_history, app, contexts, order, in_transaction=True
         )
+        requests = requests_of_one_tenant(contexts, max(1, len(order) // 5))
+        results["baseline_req"], results["scoped_req"] = timed_pair(
+            baseline_history, owner, scoped_history, app, contexts, requests, in_transaction=True
+        )
         owner.close()
         app.close()
         if hasattr(app, "close_all"):
             app.close_all()
         for label, base, scoped in (
             ("own transaction per query", results["baseline"], results["scoped"]),
-            ("inside a request transaction", results["baseline_tx"], results["scoped_tx"]),
+            ("one transaction, mixed tenants", results["baseline_tx"], results["scoped_tx"]),
+            ("requests: 5 queries, 1 tenant", results["baseline_req"], results["scoped_req"]),
         ):
             print(
                 f"  {label:30s} baseline {base * 1e6:8.1f} us   scoped {scoped * 1e6:8.1f} us   "

@@ -87,9 +87,9 @@ class Principal:
             raise unauthorized("invalid token")
         ctx = IsolationContext(self.tenant_id)
         if write:
-            transaction = isolation_db.write_transaction()
-        elif isolation_db.is_postgres():
-            transaction = isolation_db.read_transaction()
+            transaction = isolation_db.tenant_transaction(ctx.tenant_id, write=True)
+        elif isolation_db.is_postgres():  # BEGIN and the tenant binding in one round trip
+            transaction = isolation_db.tenant_transaction(ctx.tenant_id)
         else:  # SQLite reads need no BEGIN/COMMIT round (and no tenant binding)
             transaction = nullcontext()
         with connection(), transaction:
