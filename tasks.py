@@ -136,7 +136,9 @@ def start_servers(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT if detach else None,
-            start_new_session=detach,
+            # Own session: a terminal's Ctrl-C reaches only this task, which forwards exactly one
+            # SIGINT (a second one makes uvicorn abandon its graceful shutdown).
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + timeout
@@ -176,6 +178,11 @@ def start_servers(
         print(f"detached; logs and pid files in {folder}. Stop with `invoke stop-servers`.")
         return
     print("press Ctrl-C to stop both")
+
+    def _terminate(signum, frame):  # SIGTERM to this task stops the servers too, never orphans them
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         while all(p.poll() is None for p in processes.values()):
             time.sleep(0.5)

@@ -7,6 +7,7 @@ come from the environment or `.env` (see configurator/core/config.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         close_database()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    # uvicorn re-raises Ctrl-C after its graceful shutdown, which is already complete by then.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import sys
@@ -91,7 +92,9 @@ def main() -> int:
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         backlog=4096,
     )
-    ReplierServer(config, app).run()
+    # uvicorn re-raises Ctrl-C after its graceful shutdown, which is already complete by then.
+    with contextlib.suppress(KeyboardInterrupt):
+        ReplierServer(config, app).run()
     return 0
 
 
