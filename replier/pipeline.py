@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict, deque
@@ -24,7 +23,7 @@ from socketio import packet as sio_packet
 
 from isolation import NotFound, Scoped
 from isolation.context import IsolationContext
-from isolation.ids import utcnow
+from isolation.ids import hash_api_key, utcnow
 from isolation.system import lookup_api_key
 from replier import db_jobs
 from replier.connections import Connection, ConnectionRegistry, StreamKey, new_connection_id
@@ -73,10 +72,6 @@ def _stream_id(tenant_id: str, agent_id: str, platform: str, kind: str, peer: st
 def _contexts(key: StreamKey) -> IsolationContext:
     """The T+A+C+P context of a stream key (immutable, so cached)."""
     return IsolationContext(key[0], key[1], key[2], key[3])
-
-
-def _key_hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass(slots=True)
@@ -203,7 +198,7 @@ class Replier:
         raise socketio.exceptions.ConnectionRefusedError(reason)
 
     async def _lookup(self, secret: str):
-        digest = _key_hash(secret)
+        digest = hash_api_key(secret)
         now = time.monotonic()
         cached = self._key_cache.get(digest)
         if cached is not None and cached[0] > now:
