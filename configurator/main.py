@@ -1,7 +1,8 @@
 """The configurator application factory: `create_app()`.
 
-At start-up (the lifespan) the isolation database is configured from the settings and the schema
-version is checked: an old or unknown schema stops the start with the command to run.
+At start-up (the lifespan) the thread pool of the sync routes is sized (`THREADPOOL_SIZE`), the
+isolation database is configured from the settings and the schema version is checked: an old or
+unknown schema stops the start with the command to run.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -38,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        to_thread.current_default_thread_limiter().total_tokens = settings.threadpool_size
         version = await run_in_threadpool(init_database, settings)
         log.info("configurator ready: %s database, schema version %s", app.state.database_kind, version)
         try:

@@ -46,7 +46,13 @@ class JSONField(TextField):
     """JSON stored as text: portable across SQLite and PostgreSQL."""
 
     def db_value(self, value):
-        return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        """Strict, compact JSON: readers (e.g. `AgentManager.page_json`) may splice the text in as is."""
+        if value is None:
+            return None
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except ValueError as exc:  # NaN or an infinity (or a circular structure): not JSON
+            raise InvalidValueError(f"value cannot be stored as JSON: {exc}") from exc
 
     def python_value(self, value):
         return None if value is None else json.loads(value)

@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, ClassVar
 
-from peewee import Case, IntegrityError, fn
+import orjson
+from peewee import Case, DateTimeField, Field, IntegrityError, fn
 
 from isolation import db as _db
 from isolation.context import IsolationContext, Level
@@ -34,6 +35,7 @@ from isolation.models import (
     AgentTemplate,
     ApiKey,
     ChatStream,
+    JSONField,
     LlmUsage,
     Membership,
     Memory,
@@ -69,6 +71,62 @@ def _writing(tenant_id: str) -> Iterator[None]:
     """Writes run in a transaction (a savepoint when nested) with the tenant bound."""
     with _db.tenant_transaction(tenant_id, write=True):
         yield
+
+
+def _decode_datetime(value: Any) -> Any:
+    """SQLite hands back ISO text, PostgreSQL a `datetime`: both become a `datetime`."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:  # not ISO: leave it to peewee's own (slower) parser
+            return DateTimeField().python_value(value)
+    return value
+
+
+def _decode_json(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:  # e.g. integers beyond 64 bits, which the stdlib wrote and reads
+        return JSONField().python_value(value)
+
+
+def _decoder(field: Field):
+    """How a column's raw database value becomes what the peewee field would have returned."""
+    if isinstance(field, JSONField):
+        return _decode_json
+    if isinstance(field, DateTimeField):
+        return _decode_datetime
+    return None
+
+
+@lru_cache(maxsize=64)
+def _compiled_select(model: type[TenantModel], hidden: tuple[str, ...], extra_columns: tuple[str, ...]):
+    """(column SQL, result names, decoders) of a model's public columns plus `extra_columns`.
+
+    The hot read paths (`memberships.get` on every configurator request, `agents.list_with_key_flags`)
+    run fixed SQL instead of building a peewee query each time: building costs several times more
+    than running the query. The scope is the same: each statement filters by the context's columns.
+    """
+    fields = [f for name, f in model._meta.fields.items() if name not in hidden]
+    columns = ", ".join([f.column_name for f in fields] + list(extra_columns))
+    names = tuple(f.name for f in fields)
+    decoders = tuple(_decoder(f) for f in fields)
+    return columns, names, decoders
+
+
+def _rows_as_dicts(cursor, names: tuple[str, ...], decoders: tuple, extra_names: tuple[str, ...] = ()) -> list[dict]:
+    width = len(names)
+    result = []
+    for raw in cursor.fetchall():
+        row = {
+            name: (value if decode is None else decode(value))
+            for name, decode, value in zip(names, decoders, raw[:width], strict=True)
+        }
+        row.update(zip(extra_names, raw[width:], strict=True))
+        result.append(row)
+    return result
 
 
 @contextmanager
@@ -223,6 +281,22 @@ class MembershipManager(_Manager):
     def _pk(self, row_id: str):
         return Membership.account_id == row_id
 
+    def get(self, account_id: str) -> dict:
+        """The account's membership in the context's tenant, or `NotFound`.
+
+        Every authenticated configurator request checks its membership, so this is one precompiled
+        statement (see `_compiled_select`) with the scope of `_scope()` (the tenant) plus the account.
+        """
+        columns, names, decoders = _compiled_select(Membership, self.hidden, ())
+        p = _db.database.param
+        sql = f"SELECT {columns} FROM {Membership._meta.table_name} WHERE tenant_id = {p} AND account_id = {p}"
+        with self._reading():
+            params = (self.ctx.tenant_id, Membership.account_id.db_value(account_id))  # NUL refused, as elsewhere
+            rows = _rows_as_dicts(_db.database.execute_sql(sql, params), names, decoders)
+        if not rows:
+            raise NotFound(self.entity)
+        return rows[0]
+
     def add(self, account_id: str, role: str) -> dict:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
@@ -342,6 +416,68 @@ def _check_agent_fields(status: str | None, template_id: str | None) -> None:
         raise NotFound("agent template")
 
 
+def _agent_json_object(quote: str, timestamp: str, flag: str) -> str:
+    """SQL that writes an agent row as the API's agent object (`AgentOut`), as text.
+
+    The JSON columns hold JSON text written by `JSONField` (always valid, compact), so they are
+    spliced in as they are instead of being parsed again; every other value goes through the
+    dialect's JSON quoting. `quote`, `timestamp` are templates with `{column}`.
+    """
+    pairs = [
+        ("id", quote.format(column="id")),
+        ("name", quote.format(column="name")),
+        ("description", quote.format(column="description")),
+        ("template_id", f"coalesce({quote.format(column='template_id')}, 'null')"),
+        ("persona", "persona"),
+        ("config", "config"),
+        ("llm", "llm"),
+        ("has_api_key", flag),
+        ("status", quote.format(column="status")),
+        ("version", "CAST(version AS TEXT)"),
+        ("created_at", timestamp.format(column="created_at")),
+        ("updated_at", timestamp.format(column="updated_at")),
+    ]
+    parts = [f"'{',' if i else '{'}\"{key}\":' || {value}" for i, (key, value) in enumerate(pairs)]
+    return " || ".join(parts) + " || '}'"
+
+
+# `{scope}` and `{p}` are filled in per call. SQLite keeps a subquery's order in group_concat
+# (3.44 would allow ORDER BY inside the aggregate; Python's bundled SQLite may be older), PostgreSQL
+# orders inside string_agg. Stored timestamps are naive UTC; SQLite keeps them as the text
+# "YYYY-MM-DD HH:MM:SS[.ffffff]".
+_AGENT_PAGE_SQL = {
+    "sqlite": (
+        "SELECT (SELECT '[' || coalesce(group_concat(j, ','), '') || ']' FROM (SELECT "
+        + _agent_json_object(
+            "json_quote({column})",
+            "'\"' || replace({column}, ' ', 'T') || 'Z\"'",
+            "CASE WHEN llm_secret IS NULL THEN 'false' ELSE 'true' END",
+        )
+        + " AS j FROM agents WHERE {scope} ORDER BY created_at, id LIMIT {p} OFFSET {p})), "
+        "EXISTS (SELECT 1 FROM agents WHERE {scope} ORDER BY created_at, id LIMIT 1 OFFSET {p})"
+    ),
+    "postgresql": (
+        "SELECT (SELECT '[' || coalesce(string_agg(j, ',' ORDER BY created_at, id), '') || ']' FROM (SELECT "
+        "created_at, id, "
+        + _agent_json_object(
+            "to_json({column})::text",
+            """'"' || to_char({column}, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"'""",
+            "CASE WHEN llm_secret IS NULL THEN 'false' ELSE 'true' END",
+        )
+        + " AS j FROM agents WHERE {scope} ORDER BY created_at, id LIMIT {p} OFFSET {p}) page), "
+        "EXISTS (SELECT 1 FROM agents WHERE {scope} ORDER BY created_at, id LIMIT 1 OFFSET {p})"
+    ),
+}
+
+
+@lru_cache(maxsize=8)
+def _agent_page_sql(postgres: bool, p: str, *, by_agent: bool) -> str:
+    """`_AGENT_PAGE_SQL` with the scope (the tenant, and the agent when the context names one)."""
+    scope = f"tenant_id = {p}" + (f" AND id = {p}" if by_agent else "")
+    template = _AGENT_PAGE_SQL["postgresql" if postgres else "sqlite"]
+    return template.replace("{scope}", scope).replace("{p}", p)
+
+
 class AgentManager(_Manager):
     model = Agent
     entity = "agent"
@@ -418,20 +554,47 @@ class AgentManager(_Manager):
         return row[0]
 
     def list_with_key_flags(self, limit: int = 50, offset: int = 0) -> list[dict]:
-        """`list()` plus `has_llm_key` (whether a provider key is stored), in one query; the key stays hidden."""
+        """`list()` plus `has_llm_key` (whether a provider key is stored), in one query; the key stays hidden.
+
+        The configurator's `GET /agents` runs this on every call, so it is one precompiled statement
+        (see `_compiled_select`) with the same scope as `_scope()`: the tenant, and the agent when
+        the context names one.
+        """
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        columns, names, decoders = _compiled_select(Agent, self.hidden, ("llm_secret IS NOT NULL",))
+        p = _db.database.param
+        scope, params = f"tenant_id = {p}", [self.ctx.tenant_id]
+        if self.ctx.agent_id is not None:
+            scope += f" AND id = {p}"
+            params.append(self.ctx.agent_id)
+        sql = (
+            f"SELECT {columns} FROM {Agent._meta.table_name} WHERE {scope} ORDER BY created_at, id LIMIT {p} OFFSET {p}"
+        )
         with self._reading():
-            query = (
-                Agent.select(*self._columns(), Agent.llm_secret.is_null(False).alias("has_llm_key"))
-                .where(self._scope())
-                .order_by(Agent.created_at, Agent.id)
-                .limit(_page(limit))
-                .offset(offset)
-                .dicts()
-            )
-            rows = list(query)
+            cursor = _db.database.execute_sql(sql, (*params, _page(limit), offset))
+            rows = _rows_as_dicts(cursor, names, decoders, ("has_llm_key",))
         for row in rows:
             row["has_llm_key"] = bool(row["has_llm_key"])
         return rows
+
+    def page_json(self, limit: int = 50, offset: int = 0) -> tuple[str, bool]:
+        """A page of `list_with_key_flags()` as a JSON array built by the database, and whether more follow.
+
+        Each element has the public columns, with `has_api_key` for `has_llm_key` and timestamps as
+        ISO 8601 UTC text ("...Z"); the JSON columns are embedded as stored. One statement, one row:
+        the configurator's `GET /agents` sends the text on unchanged, so no row is decoded into Python
+        and re-encoded (PostgREST builds its responses the same way). `test_page_json_*` checks it
+        against `list_with_key_flags()` on both databases.
+        """
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        limit = _page(limit)
+        params = [self.ctx.tenant_id] if self.ctx.agent_id is None else [self.ctx.tenant_id, self.ctx.agent_id]
+        sql = _agent_page_sql(_db.is_postgres(), _db.database.param, by_agent=self.ctx.agent_id is not None)
+        with self._reading():
+            items, more = _db.database.execute_sql(sql, (*params, limit, offset, *params, offset + limit)).fetchone()
+        return items or "[]", bool(more)
 
     def version(self, agent_id: str) -> int:
         """The agent's version: a cheap check for caches."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -75,7 +76,20 @@ class PasswordHasher:
 
 
 class TokenService:
+    """Issues and verifies JWTs.
+
+    Verified access tokens are remembered (up to `VERIFIED_CACHE_SIZE`, keyed by the whole signed
+    token) until their `exp`: a client sends the same token with every request for its lifetime, and
+    re-checking the signature and claims each time cost about a tenth of a cheap request. Only a
+    token that passed every check is stored, expiry is still checked on every use, and nothing but
+    the token's own claims comes from the cache (membership and role are read per request).
+    """
+
+    VERIFIED_CACHE_SIZE = 4096
+
     def __init__(self, settings: Settings) -> None:
+        self._verified: dict[str, tuple[TokenClaims, int]] = {}
+        self._verified_lock = threading.Lock()
         self._key = settings.secret_key
         self._issuer = settings.jwt_issuer
         self._audiences = {ACCESS: settings.jwt_audience, REFRESH: settings.jwt_refresh_audience}
@@ -106,6 +120,24 @@ class TokenService:
     def decode(self, token: str, kind: str) -> TokenClaims:
         if not token or len(token) > 4096:
             raise TokenError("malformed token")
+        if kind == ACCESS:
+            hit = self._verified.get(token)
+            if hit is not None:
+                claims, exp = hit
+                if time.time() < exp:
+                    return claims
+                with self._verified_lock:
+                    self._verified.pop(token, None)
+                raise TokenError("token expired")
+        claims = self._verify(token, kind)
+        if kind == ACCESS:
+            with self._verified_lock:
+                while len(self._verified) >= self.VERIFIED_CACHE_SIZE:  # evict the oldest entries
+                    self._verified.pop(next(iter(self._verified)))
+                self._verified[token] = (claims, int(claims.expires_at.replace(tzinfo=UTC).timestamp()))
+        return claims
+
+    def _verify(self, token: str, kind: str) -> TokenClaims:
         try:
             claims = jwt.decode(
                 token,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from datetime import timedelta
 
+import orjson
 import pytest
 
 from isolation import IsolationContext, NotFound, Scoped
@@ -98,6 +99,7 @@ NO_ID = {
     "add",
     "list",
     "list_with_key_flags",
+    "page_json",
     "page",
     "count",
     "create",
@@ -202,5 +204,12 @@ def test_lists_and_counts_of_b_never_include_a(a_and_b):
         ids_a["account"],
     }
     assert [a["id"] for a in scoped_b.agents.list()] == [agent_b]
+    page_b, more = scoped_b.agents.page_json()
+    assert [a["id"] for a in orjson.loads(page_b)] == [agent_b] and more is False
+    assert ids_a["agent"] not in page_b
+    # A context naming A's agent under B's tenant (a forged context) sees nothing of it.
+    forged = Scoped(IsolationContext(tenant_b, agent_id=ids_a["agent"]))
+    assert forged.agents.page_json() == ("[]", False)
+    assert forged.agents.list_with_key_flags() == []
     assert scoped_b.tenant.stats()["messages"] == 0
     assert scoped_b.tenant.get()["id"] == tenant_b
