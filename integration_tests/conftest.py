@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,9 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
+from isolation.servers import ServerNotReady, free_port, healthy, log_tail, spawn, stop_process, wait_http
 from isolation.testing import PostgresUnavailable, ProvisionedDatabase, provision_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,12 +37,6 @@ TEST_SECRET = "integration-suite-secret-key-0123456789abcdef"
 _running: list[Server] = []
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Server:
     name: str  # the module run with `python -m`
@@ -52,48 +45,31 @@ class Server:
     log_path: Path
     args: tuple[str, ...] = ()  # command-line arguments after the module
     process: subprocess.Popen | None = None
-    _log: object | None = field(default=None, repr=False)
+    _log: object | None = field(default=None, repr=False)  # a log handle a subclass's start() may keep open
 
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", self.name, *self.args],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        cmd = [sys.executable, "-m", self.name, *self.args]
+        self.process = spawn(cmd, env=self.env, log_path=self.log_path, cwd=ROOT)
 
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.http_url}/health", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+    def wait_healthy(self, timeout: float) -> None:
+        """Until /health says 200; ServerNotReady (with the log) if it exits first or `timeout` passes."""
+        url, log = f"{self.http_url}/health", self.log_path
+        wait_http(url, self.process, timeout, ok=healthy, probe_timeout=2.0, name=self.name, log_path=log)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGINT (graceful: uvicorn shuts down, coverage saves its data), then SIGKILL if it hangs."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        code = stop_process(self.process, signal.SIGINT, timeout) if self.process is not None else None
         if self._log is not None:
             self._log.close()
             self._log = None
-        return process.returncode if process is not None else None
+        return code
 
     def log_tail(self, chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
-        except OSError as exc:
-            return f"(no log: {exc})"
+        return log_tail(self.log_path, chars)
 
 
 @dataclass
@@ -172,16 +148,14 @@ def start_all(servers: list[Server], timeout: float = START_TIMEOUT) -> None:
         server.start()
         _running.append(server)
     deadline = time.monotonic() + timeout
-    pending = list(servers)
-    while pending and time.monotonic() < deadline:
-        for server in list(pending):
-            if server.process.poll() is not None:
-                raise RuntimeError(
-                    f"{server.name} exited with {server.process.returncode} while starting:\n{server.log_tail()}"
-                )
-            if server.healthy():
-                pending.remove(server)
-        time.sleep(0.1)
+    pending: list[Server] = []
+    for server in servers:  # one shared deadline; once it has passed, each of the rest gets one check
+        try:
+            server.wait_healthy(deadline - time.monotonic())
+        except ServerNotReady as exc:
+            if exc.returncode is not None:  # "<name> exited with <code> while starting:\n<log>"
+                raise
+            pending.append(server)
     if pending:
         names = ", ".join(s.name for s in pending)
         raise RuntimeError(f"{names} not healthy after {timeout:g} s:\n" + "\n".join(s.log_tail() for s in pending))

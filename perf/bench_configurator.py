@@ -18,14 +18,10 @@ import asyncio
 import json
 import multiprocessing
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -48,49 +44,6 @@ try:
         return _BASELINE_BODY
 except ImportError:  # pragma: no cover - only when FastAPI is missing
     baseline_app = None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
-
-
-@contextmanager
-def _server(cmd: list[str], env: dict, ready_url: str):
-    """Run a server subprocess until the block ends (SIGINT); its log is shown if it fails."""
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_healthy(ready_url, proc)
-        yield proc
-    except Exception:
-        log.seek(0)
-        sys.stderr.write(log.read().decode(errors="replace"))
-        raise
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,11 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
+    # Imported here, not at the top: the baseline server imports this module and must stay bare.
+    from isolation.servers import free_port, running_server
     from isolation.testing import provision_database
 
-    uvicorn_flags = ["--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"]
+    def uvicorn(port: int, *app: str) -> list[str]:
+        """Both servers get the same uvicorn flags (one worker, log level warning, no access log)."""
+        flags = ["--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"]
+        return [sys.executable, "-m", "uvicorn", *app, "--port", str(port), *flags]
+
     with provision_database(args.database) as db, tempfile.TemporaryDirectory() as tmp:
-        cfg_port, base_port = _free_port(), _free_port()
+        cfg_port, base_port = free_port(), free_port()
         env = {
             **os.environ,
             "DATABASE_URL": db.url,
@@ -222,31 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         if db.app_role:
             env["DATABASE_APP_ROLE"] = db.app_role
         # The configurator as `python -m configurator` would serve it, with the baseline's uvicorn flags.
-        cfg_cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "configurator.main:create_app",
-            "--port",
-            str(cfg_port),
-            *uvicorn_flags,
-        ]
-        with _server(cfg_cmd, env, f"http://127.0.0.1:{cfg_port}/health"):
+        cfg_cmd = uvicorn(cfg_port, "--factory", "configurator.main:create_app")
+        cfg_ready = f"http://127.0.0.1:{cfg_port}/health"
+        with running_server(cfg_cmd, env=env, cwd=ROOT, ready_url=cfg_ready, name="configurator"):
             token, body = _seed(f"http://127.0.0.1:{cfg_port}", args.agents)
             body_path = Path(tmp) / "agents.json"
             body_path.write_text(json.dumps(body))
             base_env = {**env, "BENCH_BASELINE_JSON": str(body_path)}
-            base_cmd = [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "perf.bench_configurator:baseline_app",
-                "--port",
-                str(base_port),
-                *uvicorn_flags,
-            ]
-            with _server(base_cmd, base_env, f"http://127.0.0.1:{base_port}{PATH}"):
+            base_cmd = uvicorn(base_port, "perf.bench_configurator:baseline_app")
+            base_ready = f"http://127.0.0.1:{base_port}{PATH}"
+            with running_server(base_cmd, env=base_env, cwd=ROOT, ready_url=base_ready, name="baseline"):
                 print(
                     f"database={args.database} agents={args.agents} connections={args.connections} "
                     f"warmup={args.warmup}s duration={args.duration}s cpus={os.cpu_count()} "

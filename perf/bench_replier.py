@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,59 +25,33 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-import httpx
+from isolation.servers import free_port, healthy, running_server, wait_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
-
-
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+    """Until `port` accepts a connection (maim's reference server has no HTTP route to poll)."""
+
+    def accepts() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                return True
         except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"port {port} did not open")
+            return False
+
+    wait_ready(accepts, proc, timeout, what=f"port {port}")
 
 
 @contextmanager
-def process(cmd: list[str], env: dict | None = None, log_name: str = "server"):
-    log = open(os.path.join(tempfile.gettempdir(), f"maitenant-bench-{log_name}.log"), "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        log.close()
+def process(cmd: list[str], env: dict | None = None, log_name: str = "server", ready_url: str | None = None):
+    """A server for the block (ready when `ready_url`, a /health URL, says 200), its log in
+    $TMPDIR/maitenant-bench-<log_name>.log; stopped with SIGINT (SIGKILL after 20 s) on the way out."""
+    log_path = os.path.join(tempfile.gettempdir(), f"maitenant-bench-{log_name}.log")
+    with running_server(  # env None: this process's environment
+        cmd, env=env, ready_url=ready_url, cwd=ROOT, log_path=log_path, ok=healthy, name=log_name, stop_timeout=20
+    ) as server:
+        yield server.process
 
 
 def rss_mb(pid: int) -> float:
@@ -264,8 +237,8 @@ def main() -> None:
                 reference[r.clients] = r.rate
             results += out
         port = free_port()
-        with process([pyexe, "-m", "perf.echo_servers", "sio", "--port", str(port)], log_name="sio") as proc:
-            wait_http(f"http://127.0.0.1:{port}/health", proc)
+        sio_cmd = [pyexe, "-m", "perf.echo_servers", "sio", "--port", str(port)]
+        with process(sio_cmd, log_name="sio", ready_url=f"http://127.0.0.1:{port}/health"):
             results += scenario("bare python-socketio echo", f"http://127.0.0.1:{port}", ["k"], "echo", False)
 
     for kind in [d.strip() for d in args.db.split(",") if d.strip()]:
@@ -281,9 +254,11 @@ def main() -> None:
             env["MAX_CONNECTIONS"] = str(max(10_000, args.hold + 100))
             if prov.app_role:
                 env["DATABASE_APP_ROLE"] = prov.app_role
-            proc = stack.enter_context(process([pyexe, "-m", "replier"], env=env, log_name=f"replier-{kind}"))
-            wait_http(f"http://127.0.0.1:{port}/health", proc)
             url = f"http://127.0.0.1:{port}"
+            replier_cmd = [pyexe, "-m", "replier"]
+            proc = stack.enter_context(
+                process(replier_cmd, env=env, log_name=f"replier-{kind}", ready_url=f"{url}/health")
+            )
             results += scenario(f"replier full pipeline ({kind})", url, keys, "maim", True)
             if args.hold:
                 r = run_load(

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from isolation import system
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from isolation.servers import free_port, healthy, running_server
 
 
 @pytest.fixture
 def server(provisioned, tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "HOST": "127.0.0.1",
@@ -39,29 +31,12 @@ def server(provisioned, tmp_path: Path):
     if provisioned.app_role:
         env["DATABASE_APP_ROLE"] = provisioned.app_role
     log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "configurator"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy:\n" + log_path.read_text()
-            time.sleep(0.1)
-        yield base, proc, log_path
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with running_server(
+        [sys.executable, "-m", "configurator"], env=env, ready_url=f"{base}/health", log_path=log_path,
+        ok=healthy, name="configurator", stop_timeout=20,
+    ) as running:  # fmt: skip
+        yield base, running.process, log_path
 
 
 def test_real_server_register_agent_key(server, client):

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-import httpx
 from maim_message import MessageBase as LegacyMessageBase
 from maim_message.client import WebSocketClient
 from maim_message.message import APIMessageBase, BaseMessageInfo, GroupInfo, MessageDim, Seg, SenderInfo, UserInfo
@@ -28,16 +26,11 @@ from maim_message.ws_config import ClientConfig
 
 from isolation import IsolationContext, Scoped, system
 from isolation.crypto import encrypt_secret
+from isolation.servers import ServerNotReady, free_port, healthy, log_tail, spawn, stop_process, wait_http
 
 logging.getLogger("maim_message").setLevel(logging.WARNING)
 
 WAIT = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ReplierProcess:
@@ -73,30 +66,17 @@ class ReplierProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> ReplierProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "replier"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replier exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.http}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"replier did not become healthy:\n{self.logs()}")
+        """Start (or restart: the log is appended to) and wait for /health; RuntimeError with the log if
+        it exits first or is not healthy in `timeout`."""
+        self.proc = spawn([sys.executable, "-m", "replier"], env=self.env, log_path=self.log.name)
+        try:
+            wait_http(f"{self.http}/health", self.proc, timeout, ok=healthy, name="replier", interval=0.05)
+        except ServerNotReady as exc:  # "replier exited with <code> while starting" or "... not ready ..."
+            raise RuntimeError(f"{exc}:\n{self.logs()}") from None
+        return self
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
+        return stop_process(self.proc, sig, timeout) if self.proc is not None else None
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -104,9 +84,7 @@ class ReplierProcess:
         self.proc.wait(5)
 
     def logs(self) -> str:
-        self.log.flush()
-        with open(self.log.name, encoding="utf-8", errors="replace") as fh:
-            return fh.read()[-20000:]
+        return log_tail(self.log.name, 20000)
 
 
 @dataclass

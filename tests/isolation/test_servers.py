@@ -1,0 +1,165 @@
+"""`isolation.servers` against real tiny subprocesses: `python -m http.server` on a free port, scripts
+that exit at once or ignore SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from isolation.servers import (
+    ServerNotReady,
+    free_port,
+    healthy,
+    log_tail,
+    running_server,
+    spawn,
+    stop_process,
+    wait_http,
+    wait_ready,
+)
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def http_server(port: int) -> list[str]:
+    return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+
+
+def script(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def wait_for_line(log_path: Path, text: str, proc: subprocess.Popen) -> None:
+    wait_ready(lambda: text in log_tail(log_path), proc, 30, what=f"{text!r} in the log", interval=0.02)
+
+
+def test_free_port_is_bindable_on_localhost():
+    port = free_port()
+    assert 1024 <= port <= 65535
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_log_tail_is_the_end_and_a_missing_log_is_reported(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("a" * 100 + "the end")
+    assert log_tail(log, 7) == "the end" and len(log_tail(log)) == 107
+    assert log_tail(tmp_path / "missing.log").startswith("(no log: [Errno 2]")
+
+
+def test_running_server_waits_until_ready_and_stops_it_with_sigint():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with running_server(http_server(port), env=ENV, ready_url=url, name="http.server") as server:
+        assert server.process.poll() is None
+        assert httpx.get(url, timeout=5).status_code == 200  # ready when the block starts
+        log_path = server.log_path
+        assert log_path.exists()
+    assert server.process.returncode == 0  # http.server exits cleanly on KeyboardInterrupt, not killed
+    assert not log_path.exists()  # the temporary log is removed
+
+
+def test_a_process_that_exits_at_once_fails_fast_with_its_log(tmp_path):
+    log_path = tmp_path / "boom.log"
+    started = time.monotonic()
+    cmd = script("import sys; print('boom: no config'); sys.exit(3)")
+    ready_url = f"http://127.0.0.1:{free_port()}/health"
+    with (
+        pytest.raises(ServerNotReady) as raised,
+        running_server(cmd, env=ENV, ready_url=ready_url, log_path=log_path, timeout=30, name="boomer"),
+    ):
+        pytest.fail("the block must not run")
+    assert time.monotonic() - started < 15  # not the 30 s deadline
+    assert raised.value.returncode == 3
+    assert str(raised.value).startswith("boomer exited with 3 while starting:\n")
+    assert "boom: no config" in str(raised.value)
+    assert log_path.exists()  # a given log is kept
+
+
+def test_a_server_that_never_gets_healthy_times_out_with_its_log(tmp_path):
+    port = free_port()
+    proc = spawn(http_server(port), env=ENV, log_path=tmp_path / "http.log")
+    try:
+        url = f"http://127.0.0.1:{port}/health"  # http.server answers 404
+        wait_http(url, proc, 30)  # the default accepts any answer below 500
+        with pytest.raises(ServerNotReady) as raised:
+            wait_http(url, proc, 0.5, ok=healthy, name="http.server", log_path=tmp_path / "http.log")
+    finally:
+        assert stop_process(proc) == 0
+    assert raised.value.returncode is None
+    assert str(raised.value).startswith(f"http.server not ready at {url} after 0.5 s:\n")
+    assert '"GET /health HTTP/1.1" 404' in str(raised.value)
+
+
+def test_wait_ready_with_no_time_left_probes_once():
+    proc = subprocess.Popen(script("import time; time.sleep(30)"))
+    calls = []
+    try:
+        with pytest.raises(ServerNotReady, match=r"^server not ready at nothing after 0 s$"):
+            wait_ready(lambda: calls.append(1) or False, proc, 0, what="nothing")
+        assert calls == [1]
+        wait_ready(lambda: True, proc, -1, what="anything")
+    finally:
+        stop_process(proc)
+
+
+def test_stop_process_sends_sigint_first_and_returns_the_exit_code(tmp_path):
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, lambda *_: (print('got SIGINT'), sys.exit(7)))\n"
+        "print('ready')\n"
+        "time.sleep(30)\n"
+    )
+    log_path = tmp_path / "graceful.log"
+    proc = spawn(script(code), env=ENV, log_path=log_path)
+    wait_for_line(log_path, "ready", proc)
+    assert stop_process(proc) == 7
+    assert "got SIGINT" in log_tail(log_path)
+    assert stop_process(proc) == 7  # an ended process is left alone
+
+
+def test_stop_process_kills_a_process_that_ignores_the_signal(tmp_path):
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready'); time.sleep(30)"
+    log_path = tmp_path / "stubborn.log"
+    proc = spawn(script(code), env=ENV, log_path=log_path)
+    wait_for_line(log_path, "ready", proc)
+    started = time.monotonic()
+    assert stop_process(proc, timeout=0.2) == -signal.SIGKILL
+    assert time.monotonic() - started < 10
+
+
+def test_spawn_appends_so_a_restart_keeps_the_earlier_log(tmp_path):
+    log_path = tmp_path / "twice.log"
+    for word in ("first", "second"):
+        proc = spawn(script(f"print({word!r})"), env=ENV, log_path=log_path)
+        assert proc.wait(30) == 0
+    assert log_tail(log_path).split() == ["first", "second"]
+
+
+def test_a_failure_inside_the_block_shows_the_log_and_still_stops_the_server(tmp_path, capsys):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log_path = tmp_path / "http.log"
+    with (
+        pytest.raises(ZeroDivisionError),
+        running_server(http_server(port), env=ENV, ready_url=url, log_path=log_path, name="web") as server,
+    ):
+        httpx.get(f"{url}only-in-the-log", timeout=5)
+        1 / 0  # noqa: B018
+    assert server.process.returncode == 0
+    err = capsys.readouterr().err
+    assert err.startswith("web log (last lines):\n") and "GET /only-in-the-log HTTP/1.1" in err
+
+
+def test_running_server_without_ready_url_yields_at_once(tmp_path):
+    with running_server(script("import time; time.sleep(30)"), env=None, ready_url=None, cwd=tmp_path) as server:
+        assert server.process.poll() is None
+    assert server.process.returncode == -signal.SIGINT  # Python ends on an uncaught KeyboardInterrupt by SIGINT
