@@ -17,6 +17,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import socketio
 from engineio import packet as eio_packet
 from socketio import packet as sio_packet
@@ -270,7 +271,11 @@ class Replier:
         await self._accept(conn, inbound)
 
     def _check_size(self, data: Any) -> None:
-        if encoded_size(data) > self.settings.max_payload_bytes:
+        try:
+            size = encoded_size(data)
+        except orjson.JSONEncodeError:  # the only cause for decoded JSON: nesting beyond orjson's 254 levels
+            raise BadInput("invalid_payload", "message nests too deeply") from None
+        if size > self.settings.max_payload_bytes:
             raise BadInput("payload_too_large", f"message is larger than {self.settings.max_payload_bytes} bytes")
 
     async def _api_error(self, conn: Connection, exc: BadInput, msg_id: str | None = None, payload: Any = None) -> None:

@@ -140,14 +140,35 @@ def _message_id(value: Any) -> str:
 
 
 def _short(value: Any, max_chars: int) -> str | None:
+    """Optional display text (nickname, group name, reply id), cut to `max_chars`; numbers become text."""
     if value is None:
         return None
+    if isinstance(value, bytes | bytearray):  # a binary attachment: its repr ("b'…'") is not a name
+        raise BadInput("invalid_field", "names and ids must be text, not binary data")
     text = str(value).replace("\x00", "")
     return text[:max_chars] or None
 
 
+def _refuse_binary(seg: Any) -> None:
+    """Refuse `bytes` anywhere in a segment tree (it is stored as JSON, and the protocol is JSON only).
+
+    A Socket.IO binary event (python-socketio's client sends one whenever the data holds `bytes`)
+    arrives with its attachments as `bytes` inside the decoded data.
+    """
+    stack = [seg]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, bytes | bytearray):
+            raise BadInput("invalid_segment", "segments must be JSON: binary data (attachments) is not accepted")
+
+
 def segment_text(seg: dict, max_text_bytes: int) -> str:
-    """Validate a segment tree (types, nesting, sizes) and return its plain text."""
+    """Validate a segment tree (types, nesting, sizes, JSON only) and return its plain text."""
+    _refuse_binary(seg)
     parts: list[str] = []
     count = 0
     text_bytes = 0

@@ -152,3 +152,134 @@ def test_unauthenticated_socket_never_reaches_the_handler(replier_server):
         await asyncio.sleep(0)
 
     run(scenario())
+
+
+# Socket.IO binary events: python-socketio's client sends one whenever the data holds `bytes`, and the
+# server hands the handler the attachments as `bytes` inside the data. Segments are stored as JSON.
+BINARY_SEGMENTS = [
+    ("small image", {"type": "image", "data": b"\x89PNG\r\n\x1a\n" + b"\x00" * 32}, "invalid_segment"),
+    (
+        "bytes in a seglist",
+        {"type": "seglist", "data": [{"type": "text", "data": "hi "}, {"type": "image", "data": b"\x01"}]},
+        "invalid_segment",
+    ),
+    ("bytes as at", {"type": "at", "data": b"bob"}, "invalid_segment"),
+    ("40 KB image", {"type": "image", "data": b"\xff" * 40_000}, "invalid_segment"),
+    ("200 KB image", {"type": "image", "data": b"\xff" * 200_000}, "payload_too_large"),
+]
+
+
+def _no_processing_failures(server, prefix: str) -> None:
+    logs = server.logs()
+    assert f"processing message '{prefix}" not in logs
+    assert "is not JSON serializable" not in logs
+
+
+def test_binary_segments_get_a_validation_error_over_the_api_protocol(replier_server):
+    import socketio
+
+    ta = make_tenant()
+
+    async def scenario():
+        sio, inbox = await raw_client(replier_server.http, ta.secret)
+        errors = {}
+        try:
+            for i, (label, segment, _code) in enumerate(BINARY_SEGMENTS):
+                payload = api_message("x", message_id=f"bin-api-{i}", user_id=f"u-bin-{i}").to_dict()
+                payload["message_segment"] = segment
+                envelope = _envelope(f"bin-env-{i}", payload)
+                assert socketio.packet.Packet.data_is_binary(envelope)  # sent as a binary event
+                await sio.emit("message", envelope)
+                errors[label] = (await next_of(inbox, "custom_error"))["payload"]
+            assert sio.connected
+            good = api_message("after binary", message_id="bin-api-good", user_id="u-bin-good").to_dict()
+            await sio.emit("message", _envelope("bin-env-good", good))
+            reply = await next_of(inbox, "sys_std")
+            assert reply["payload"]["message_info"]["message_id"] == "mt-reply:bin-api-good"
+        finally:
+            await sio.disconnect()
+        return errors
+
+    errors = run(scenario())
+    assert {label: e["code"] for label, e in errors.items()} == {label: code for label, _, code in BINARY_SEGMENTS}
+    for i, (label, _, _) in enumerate(BINARY_SEGMENTS):
+        assert errors[label]["msg_id"] == f"bin-env-{i}"
+        assert errors[label]["message_id"] == f"bin-api-{i}"
+    assert "binary data" in errors["small image"]["message"]
+    for i in range(len(BINARY_SEGMENTS)):
+        assert ta.history("qq", user_id=f"u-bin-{i}") == []
+    assert Scoped(ta.ctx).chat_streams.count() == 1  # only the good message's stream
+    _no_processing_failures(replier_server, "bin-api-")
+
+
+def test_binary_segments_get_a_validation_error_over_the_legacy_protocol(replier_server):
+    import socketio
+
+    ta = make_tenant()
+    received: list = []
+
+    async def scenario():
+        sio = socketio.AsyncClient(reconnection=False)
+
+        @sio.on("message")
+        async def on_message(data):
+            received.append(data)
+
+        await sio.connect(
+            replier_server.http,
+            socketio_path="ws",
+            transports=["websocket"],
+            headers={"Authorization": ta.secret, "platform": "qq"},
+        )
+        try:
+            for i, (_label, segment, _code) in enumerate(BINARY_SEGMENTS):
+                data = legacy_message("x", message_id=f"bin-leg-{i}", user_id=f"l-bin-{i}").to_dict()
+                data["message_segment"] = segment
+                await sio.emit("message", data)
+            await sio.emit("message", legacy_message("fine", message_id="bin-leg-ok", user_id="l-bin-ok").to_dict())
+            await wait_for(lambda: len(received) >= len(BINARY_SEGMENTS) + 1)
+            assert sio.connected
+        finally:
+            await sio.disconnect()
+
+    run(scenario())
+    errors = [r["message_info"]["additional_config"]["maitenant"]["error"] for r in received[: len(BINARY_SEGMENTS)]]
+    assert [e["code"] for e in errors] == [code for _, _, code in BINARY_SEGMENTS]
+    assert [e["message_id"] for e in errors] == [f"bin-leg-{i}" for i in range(len(BINARY_SEGMENTS))]
+    assert received[0]["message_segment"]["data"].startswith("[error invalid_segment] segments must be JSON")
+    assert received[-1]["message_info"]["message_id"] == "mt-reply:bin-leg-ok"
+    for i in range(len(BINARY_SEGMENTS)):
+        assert ta.history("qq", user_id=f"l-bin-{i}") == []
+    assert [m["message_id"] for m in ta.history("qq", user_id="l-bin-ok")] == ["bin-leg-ok", "mt-reply:bin-leg-ok"]
+    assert Scoped(ta.ctx).chat_streams.count() == 1
+    _no_processing_failures(replier_server, "bin-leg-")
+
+
+def test_json_nested_deeper_than_the_encoder_allows_gets_a_validation_error(replier_server):
+    """orjson parses 1,024 levels but serialises only 254: the size check must not crash on the rest."""
+    ta = make_tenant()
+    deep: list = []
+    node = deep
+    for _ in range(300):
+        node.append([])
+        node = node[0]
+
+    async def scenario():
+        sio, inbox = await raw_client(replier_server.http, ta.secret)
+        try:
+            payload = api_message("hi", message_id="deep-1", user_id="u-deep").to_dict()
+            payload["message_info"]["additional_config"] = {"deep": deep}
+            await sio.emit("message", _envelope("deep-env", payload))
+            error = (await next_of(inbox, "custom_error"))["payload"]
+            good = api_message("still here", message_id="deep-ok", user_id="u-deep").to_dict()
+            await sio.emit("message", _envelope("deep-env-ok", good))
+            reply = await next_of(inbox, "sys_std")
+            return error, reply
+        finally:
+            await sio.disconnect()
+
+    error, reply = run(scenario())
+    assert (error["code"], error["msg_id"], error["message_id"]) == ("invalid_payload", "deep-env", "deep-1")
+    assert reply["payload"]["message_info"]["message_id"] == "mt-reply:deep-ok"
+    assert [m["message_id"] for m in ta.history("qq", user_id="u-deep")] == ["deep-ok", "mt-reply:deep-ok"]
+    assert "Recursion limit reached" not in replier_server.logs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from types import SimpleNamespace
 
 import pytest
 from replier_support import api_message, free_port, legacy_message, make_tenant
@@ -25,6 +26,7 @@ from replier.memory import worth_storing
 from replier.protocol import (
     BadInput,
     Inbound,
+    _peers,
     parse_api_message,
     parse_envelope,
     parse_legacy_message,
@@ -91,10 +93,37 @@ def test_envelope_msg_id_that_is_not_a_short_string_is_ignored():
         ({"type": "text", "data": 42}, "invalid_segment"),
         ({"type": "text", "data": "nul\x00byte"}, "invalid_segment"),
         ({"type": "seglist", "data": ["plain string child"]}, "invalid_segment"),
+        # Binary attachments of a Socket.IO binary event arrive as bytes; segments are stored as JSON.
+        ({"type": "image", "data": b"\x89PNG"}, "invalid_segment"),
+        ({"type": "at", "data": b"bob"}, "invalid_segment"),
+        ({"type": "image", "data": {"file": {"raw": [b"\x00"]}}}, "invalid_segment"),
+        ({"type": "text", "data": "hi", "extra": bytearray(b"x")}, "invalid_segment"),
+        (
+            {"type": "seglist", "data": [{"type": "text", "data": "hi"}, {"type": "reply", "data": b"m-1"}]},
+            "invalid_segment",
+        ),
     ],
 )
 def test_bad_segment_trees_are_refused(segment, code):
     assert _code(segment_text, segment, 1000) == code
+
+
+def test_binary_segment_is_refused_with_a_clear_message_and_json_data_still_passes():
+    with pytest.raises(BadInput, match="binary data"):
+        segment_text({"type": "image", "data": b"\x00" * 10}, 1000)
+    assert segment_text({"type": "image", "data": {"file": {"raw": ["AA=="]}}}, 1000) == "[image]"
+
+
+@pytest.mark.parametrize("field", ["user_nickname", "group_name"])
+def test_binary_names_are_refused_not_stored_as_their_repr(field):
+    user = SimpleNamespace(user_id="u1", user_nickname="nick", user_cardname=None)
+    group = SimpleNamespace(group_id="g1", group_name="group")
+    setattr(user if field == "user_nickname" else group, field, b"nick")
+    with pytest.raises(BadInput, match="binary data") as raised:
+        _peers(user, group)
+    assert raised.value.code == "invalid_field"
+    user.user_nickname, group.group_name = 42, "group"
+    assert _peers(user, group) == ("u1", "42", "g1", "group")  # numbers still become text
 
 
 def test_segments_nest_at_most_four_levels():
