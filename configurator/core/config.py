@@ -6,6 +6,7 @@ provider keys). `ENVIRONMENT=production` refuses the development default secret 
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Literal
 
@@ -50,14 +51,17 @@ class Settings(BaseSettings):
     # Worker threads for the sync routes (Starlette runs them in anyio's thread pool, 40 by default).
     # Every database call releases the GIL, and with dozens of threads each release becomes a contended
     # hand-off: on 2 cores, 8 threads served GET /agents ~10% faster than 40, with p99 13 ms instead of
-    # 20 ms (docs/PERFORMANCE.md). A password check (Argon2, ~0.1 s) holds a thread, so login-heavy
-    # deployments may want more.
+    # 20 ms (docs/PERFORMANCE.md). Password hashing does not use this pool (see
+    # `password_hash_concurrency`).
     threadpool_size: int = Field(default=8, ge=1, le=1000)
 
     # Argon2id cost (pwdlib's recommended parameters by default). Existing hashes are upgraded at
     # the next successful login when these change.
     password_hash_time_cost: int = Field(default=3, ge=1, le=20)
     password_hash_memory_kib: int = Field(default=65536, ge=1024, le=4 * 1024 * 1024)
+    # Argon2 computations at once (each keeps one core busy and holds `password_hash_memory_kib`);
+    # further logins wait for a slot without taking a thread from the routes' pool.
+    password_hash_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1, le=256)
 
     log_level: str = "info"
 

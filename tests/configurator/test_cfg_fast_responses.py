@@ -2,11 +2,13 @@
 
 It must say exactly what the validated routes say: every item equals `GET /agents/{id}` (serialized
 by pydantic from `AgentOut`), and the page validates against the `Page[AgentOut]` it documents.
-Also: verified access tokens are remembered only until they expire, and the thread pool is sized.
+Also: verified access tokens are remembered only until they expire, the thread pool is sized, and
+password checks run beside that pool.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -114,3 +116,50 @@ def test_threadpool_size_comes_from_the_settings(provisioned):
     with TestClient(app) as test_client:
         assert test_client.get("/_threadpool_probe").status_code == 200
     assert seen == [3]
+
+
+def test_password_checks_run_beside_the_route_pool_not_in_it(provisioned):
+    """With a route pool of ONE thread, a login stuck in its password check must not block other
+    requests, and password checks beyond PASSWORD_HASH_CONCURRENCY wait for each other."""
+    app = create_app(make_settings(provisioned, threadpool_size=1, password_hash_concurrency=1))
+    entered, release = threading.Event(), threading.Event()
+    running, most = [0], [0]
+    timed_out: list[str] = []
+    lock = threading.Lock()
+
+    with TestClient(app) as test_client:
+        user = register(test_client, prefix="pool")
+        hasher = app.state.hasher
+        real_verify = hasher.verify
+
+        def slow_verify(password, password_hash):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            entered.set()
+            if not release.wait(10):  # only if the requests below could not get through meanwhile
+                timed_out.append(password)
+            with lock:
+                running[0] -= 1
+            return real_verify(password, password_hash)
+
+        hasher.verify = slow_verify
+        results: list[int] = []
+
+        def log_in() -> None:
+            body = {"username": user.username, "password": user.password}
+            results.append(test_client.post("/api/v1/auth/login", json=body).status_code)
+
+        logins = [threading.Thread(target=log_in) for _ in range(2)]
+        for thread in logins:
+            thread.start()
+        assert entered.wait(10)
+        # Both logins are inside (or queued for) the password check; the only route thread is free.
+        listed = test_client.get("/api/v1/agents", headers=user.headers)
+        assert listed.status_code == 200 and not release.is_set()
+        assert test_client.get("/api/v1/auth/me", headers=user.headers).status_code == 200
+        release.set()
+        for thread in logins:
+            thread.join(30)
+    assert results == [200, 200] and timed_out == []
+    assert most[0] == 1  # PASSWORD_HASH_CONCURRENCY=1: one Argon2 check at a time

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
 
-from configurator.api.deps import CurrentPrincipal, SettingsDep, TokensDep, membership_role, valid_id
+from configurator.api.deps import CurrentPrincipal, Principal, SettingsDep, TokensDep, membership_role, valid_id
 from configurator.core.db import connection
 from configurator.core.errors import ApiError, forbidden, responses, unauthorized
 from configurator.core.ratelimit import SlidingWindowLimiter
-from configurator.core.security import ACCESS, REFRESH, PasswordHasher, TokenError
+from configurator.core.security import ACCESS, REFRESH, PasswordHasher, TokenError, TokenService
 from configurator.schemas import (
     AuthResponse,
     DeleteAccountRequest,
@@ -54,10 +55,19 @@ def _issue_pair(tokens, account_id: str, tenant_id: str) -> TokenPair:
     )
 
 
+# The routes that check or set a password are `async def`: the password work (slow on purpose) runs
+# under the hasher's own thread limiter, and their database work runs in the thread pool through
+# `run_in_threadpool` (never on the event loop), in sync helpers that open the connection themselves.
+
+
 @router.post("/register", status_code=201, response_model=AuthResponse, responses=responses(409, 413, 422))
-def register(body: RegisterRequest, tokens: TokensDep, hasher: HasherDep) -> AuthResponse:
+async def register(body: RegisterRequest, tokens: TokensDep, hasher: HasherDep) -> AuthResponse:
     """Create an account and its personal tenant (the account is its owner); returns tokens."""
-    password_hash = hasher.hash(body.password)  # slow on purpose: outside the transaction
+    password_hash = await hasher.hash_async(body.password)  # outside the transaction
+    return await run_in_threadpool(_register, body, tokens, password_hash)
+
+
+def _register(body: RegisterRequest, tokens: TokenService, password_hash: str) -> AuthResponse:
     email = str(body.email).lower()
     with connection(), isolation_db.write_transaction():
         account = system.create_account(body.username, email, password_hash)
@@ -66,8 +76,13 @@ def register(body: RegisterRequest, tokens: TokensDep, hasher: HasherDep) -> Aut
     return AuthResponse(account=account, tenant=tenant, role="owner", tokens=pair)
 
 
+def _find_for_login(login_name: str) -> tuple[dict, str] | None:
+    with connection():
+        return system.find_account_for_login(login_name) if _storable(login_name) else None
+
+
 @router.post("/login", response_model=AuthResponse, responses=responses(401, 403, 413, 422, 429))
-def login(
+async def login(
     body: LoginRequest, request: Request, tokens: TokensDep, hasher: HasherDep, limiter: LimiterDep
 ) -> AuthResponse:
     """Sign in with username or email. Repeated failures for one (username, address) get 429."""
@@ -83,20 +98,24 @@ def login(
             headers={"Retry-After": str(wait)},
         )
     login_name = body.username.lower() if "@" in body.username else body.username
-    with connection():
-        found = system.find_account_for_login(login_name) if _storable(login_name) else None
+    found = await run_in_threadpool(_find_for_login, login_name)
     account, stored_hash = found if found else (None, None)
-    valid, new_hash = hasher.verify(body.password, stored_hash)
+    valid, new_hash = await hasher.verify_async(body.password, stored_hash)
     if not valid or account is None or account.get("status") != "active":
         limiter.hit(key)
         raise unauthorized("wrong username or password", invalid=False)
     limiter.reset(key)
+    return await run_in_threadpool(_sign_in, account, new_hash, body.tenant_id, tokens)
+
+
+def _sign_in(account: dict, new_hash: str | None, tenant_id: str | None, tokens: TokenService) -> AuthResponse:
+    """After a good password: store an upgraded hash, pick the tenant, issue the tokens."""
     with connection():
         if new_hash:
             system.set_password_hash(account["id"], new_hash)
         memberships = system.account_memberships(account["id"])
-        if body.tenant_id is not None:
-            memberships = [m for m in memberships if m["tenant_id"] == body.tenant_id]
+        if tenant_id is not None:
+            memberships = [m for m in memberships if m["tenant_id"] == tenant_id]
         if not memberships:
             raise forbidden("this account is not a member of any (such) tenant")
         chosen = memberships[0]
@@ -168,16 +187,25 @@ def me(principal: CurrentPrincipal) -> MeResponse:
 
 
 @router.delete("/me", response_model=DeletedCounts, responses=responses(401, 409, 413, 422))
-def delete_me(principal: CurrentPrincipal, body: DeleteAccountRequest, hasher: HasherDep) -> DeletedCounts:
+async def delete_me(principal: CurrentPrincipal, body: DeleteAccountRequest, hasher: HasherDep) -> DeletedCounts:
     """Delete the signed-in account (the password confirms it). Tenants it alone belongs to are
     deleted with all their data; its memberships in other tenants are removed. 409 when it is the
     only owner of a tenant that has other members."""
+    stored_hash = await run_in_threadpool(_stored_hash_of_member, principal)
+    valid, _new_hash = await hasher.verify_async(body.password, stored_hash)
+    if not valid:
+        raise unauthorized("password does not match")
+    return await run_in_threadpool(_delete_account, principal.account_id)
+
+
+def _stored_hash_of_member(principal: Principal) -> str | None:
+    """The password hash of the token's account, once its membership is checked (401 when gone)."""
     with principal.session():
         account = system.get_account(principal.account_id)
         found = system.find_account_for_login(account["username"])
-        stored_hash = found[1] if found else None
-        valid, _new_hash = hasher.verify(body.password, stored_hash)
-        if not valid:
-            raise unauthorized("password does not match")
+    return found[1] if found else None
+
+
+def _delete_account(account_id: str) -> DeletedCounts:
     with connection():
-        return DeletedCounts(deleted=delete_account(principal.account_id))
+        return DeletedCounts(deleted=delete_account(account_id))
