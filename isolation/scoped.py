@@ -16,7 +16,6 @@ from datetime import datetime
 from functools import cached_property, lru_cache
 from typing import Any, ClassVar
 
-import orjson
 from peewee import Case, DateTimeField, Field, IntegrityError, fn
 
 from isolation import db as _db
@@ -35,7 +34,6 @@ from isolation.models import (
     AgentTemplate,
     ApiKey,
     ChatStream,
-    JSONField,
     LlmUsage,
     Membership,
     Memory,
@@ -83,50 +81,29 @@ def _decode_datetime(value: Any) -> Any:
     return value
 
 
-def _decode_json(value: Any) -> Any:
-    if value is None:
-        return None
-    try:
-        return orjson.loads(value)
-    except orjson.JSONDecodeError:  # e.g. integers beyond 64 bits, which the stdlib wrote and reads
-        return JSONField().python_value(value)
-
-
 def _decoder(field: Field):
-    """How a column's raw database value becomes what the peewee field would have returned."""
-    if isinstance(field, JSONField):
-        return _decode_json
-    if isinstance(field, DateTimeField):
-        return _decode_datetime
-    return None
+    """What the peewee field would have returned for a raw column value (datetimes parsed faster)."""
+    return _decode_datetime if isinstance(field, DateTimeField) else field.python_value
 
 
-@lru_cache(maxsize=64)
-def _compiled_select(model: type[TenantModel], hidden: tuple[str, ...], extra_columns: tuple[str, ...]):
-    """(column SQL, result names, decoders) of a model's public columns plus `extra_columns`.
+@lru_cache(maxsize=16)
+def _compiled_select(model: type[TenantModel], hidden: tuple[str, ...]):
+    """(column SQL, result names, decoders) of a model's public columns.
 
-    The hot read paths (`memberships.get` on every configurator request, `agents.list_with_key_flags`)
-    run fixed SQL instead of building a peewee query each time: building costs several times more
-    than running the query. The scope is the same: each statement filters by the context's columns.
+    For `memberships.get()`, which every authenticated configurator request runs: fixed SQL instead
+    of a peewee query built per call (building cost several times more than running it). The scope is
+    written out in the method, as `_scope()` would build it.
     """
     fields = [f for name, f in model._meta.fields.items() if name not in hidden]
-    columns = ", ".join([f.column_name for f in fields] + list(extra_columns))
-    names = tuple(f.name for f in fields)
-    decoders = tuple(_decoder(f) for f in fields)
-    return columns, names, decoders
+    columns = ", ".join(f.column_name for f in fields)
+    return columns, tuple(f.name for f in fields), tuple(_decoder(f) for f in fields)
 
 
-def _rows_as_dicts(cursor, names: tuple[str, ...], decoders: tuple, extra_names: tuple[str, ...] = ()) -> list[dict]:
-    width = len(names)
-    result = []
-    for raw in cursor.fetchall():
-        row = {
-            name: (value if decode is None else decode(value))
-            for name, decode, value in zip(names, decoders, raw[:width], strict=True)
-        }
-        row.update(zip(extra_names, raw[width:], strict=True))
-        result.append(row)
-    return result
+def _rows_as_dicts(cursor, names: tuple[str, ...], decoders: tuple) -> list[dict]:
+    return [
+        {name: decode(value) for name, decode, value in zip(names, decoders, raw, strict=True)}
+        for raw in cursor.fetchall()
+    ]
 
 
 @contextmanager
@@ -287,7 +264,7 @@ class MembershipManager(_Manager):
         Every authenticated configurator request checks its membership, so this is one precompiled
         statement (see `_compiled_select`) with the scope of `_scope()` (the tenant) plus the account.
         """
-        columns, names, decoders = _compiled_select(Membership, self.hidden, ())
+        columns, names, decoders = _compiled_select(Membership, self.hidden)
         p = _db.database.param
         sql = f"SELECT {columns} FROM {Membership._meta.table_name} WHERE tenant_id = {p} AND account_id = {p}"
         with self._reading():
@@ -556,24 +533,21 @@ class AgentManager(_Manager):
     def list_with_key_flags(self, limit: int = 50, offset: int = 0) -> list[dict]:
         """`list()` plus `has_llm_key` (whether a provider key is stored), in one query; the key stays hidden.
 
-        The configurator's `GET /agents` runs this on every call, so it is one precompiled statement
-        (see `_compiled_select`) with the same scope as `_scope()`: the tenant, and the agent when
-        the context names one.
+        Built by peewee like the other reads; `page_json()` is the same page written as JSON by the
+        database, and the tests hold the two against each other.
         """
         if offset < 0:
             raise ValueError("offset must not be negative")
-        columns, names, decoders = _compiled_select(Agent, self.hidden, ("llm_secret IS NOT NULL",))
-        p = _db.database.param
-        scope, params = f"tenant_id = {p}", [self.ctx.tenant_id]
-        if self.ctx.agent_id is not None:
-            scope += f" AND id = {p}"
-            params.append(self.ctx.agent_id)
-        sql = (
-            f"SELECT {columns} FROM {Agent._meta.table_name} WHERE {scope} ORDER BY created_at, id LIMIT {p} OFFSET {p}"
-        )
         with self._reading():
-            cursor = _db.database.execute_sql(sql, (*params, _page(limit), offset))
-            rows = _rows_as_dicts(cursor, names, decoders, ("has_llm_key",))
+            query = (
+                Agent.select(*self._columns(), Agent.llm_secret.is_null(False).alias("has_llm_key"))
+                .where(self._scope())
+                .order_by(Agent.created_at, Agent.id)
+                .limit(_page(limit))
+                .offset(offset)
+                .dicts()
+            )
+            rows = list(query)
         for row in rows:
             row["has_llm_key"] = bool(row["has_llm_key"])
         return rows

@@ -66,16 +66,25 @@ def log_tail(path: StrPath, chars: int = 6000) -> str:
         return f"(no log: {exc})"
 
 
-def spawn(cmd: Sequence[str], *, env: Env, log_path: StrPath, cwd: StrPath | None = None, mode: str = "ab"
-          ) -> subprocess.Popen:  # fmt: skip
+def spawn(
+    cmd: Sequence[str], *, env: Env, log_path: StrPath, cwd: StrPath | None = None, mode: str = "ab"
+) -> subprocess.Popen:
     """Start `cmd` with stdout and stderr in `log_path` (appended by default: a restart keeps the
     earlier output). The parent's handle is closed at once; the child has its own."""
     with open(log_path, mode) as log:
         return subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
 
 
-def wait_ready(probe: Callable[[], bool], proc: subprocess.Popen, timeout: float = 30.0, *, what: str,
-               name: str = "server", log_path: StrPath | None = None, interval: float = 0.1) -> None:  # fmt: skip
+def wait_ready(
+    probe: Callable[[], bool],
+    proc: subprocess.Popen,
+    timeout: float = 30.0,
+    *,
+    what: str,
+    name: str = "server",
+    log_path: StrPath | None = None,
+    interval: float = 0.1,
+) -> None:
     """Call `probe` until true; ServerNotReady if `proc` exits first (checked before every probe, so a
     crash fails at once) or `timeout` passes (<= 0: one check). With `log_path` the message ends with
     the log's tail, so a failed start explains itself."""
@@ -91,9 +100,17 @@ def wait_ready(probe: Callable[[], bool], proc: subprocess.Popen, timeout: float
         time.sleep(interval)
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0, *, ok: Callable[[int], bool] = answered,
-              probe_timeout: float = 1.0, name: str = "server", log_path: StrPath | None = None,
-              interval: float = 0.1) -> None:  # fmt: skip
+def wait_http(
+    url: str,
+    proc: subprocess.Popen,
+    timeout: float = 30.0,
+    *,
+    ok: Callable[[int], bool] = answered,
+    probe_timeout: float = 1.0,
+    name: str = "server",
+    log_path: StrPath | None = None,
+    interval: float = 0.1,
+) -> None:
     """`wait_ready` until GET `url` returns a status that `ok` accepts (default: any below 500)."""
 
     def probe() -> bool:
@@ -118,9 +135,18 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: floa
 
 
 @contextmanager
-def running_server(cmd: Sequence[str], *, env: Env, ready_url: str | None, cwd: StrPath | None = None,
-                   log_path: StrPath | None = None, timeout: float = 30.0, ok: Callable[[int], bool] = answered,
-                   name: str = "server", stop_timeout: float = 15.0) -> Iterator[RunningServer]:  # fmt: skip
+def running_server(
+    cmd: Sequence[str],
+    *,
+    env: Env,
+    ready_url: str | None,
+    cwd: StrPath | None = None,
+    log_path: StrPath | None = None,
+    timeout: float = 30.0,
+    ok: Callable[[int], bool] = answered,
+    name: str = "server",
+    stop_timeout: float = 15.0,
+) -> Iterator[RunningServer]:
     """`cmd` running (and ready, if `ready_url`) for the block, its output in `log_path` (truncated;
     None: a temporary file). A failed start raises ServerNotReady with the log's tail, a failure in the
     block prints that tail to stderr; the process is always stopped with `stop_process`."""

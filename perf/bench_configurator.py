@@ -9,6 +9,9 @@ separate process: a small asyncio HTTP/1.1 keep-alive client (raw sockets, so th
 bottleneck), `--connections` concurrent connections, a warm-up and then `--duration` seconds of
 measurement per target. Printed: requests/s, p50/p95/p99 latency, errors, and the ratio
 configurator/baseline (goal: >= 0.4). `--json` also writes the numbers to a file.
+
+Each app keeps its own defaults: the configurator's sync-route pool is `THREADPOOL_SIZE` (8), the bare
+app has anyio's 40 (set `THREADPOOL_SIZE=40` to run the configurator with the same pool).
 """
 
 from __future__ import annotations

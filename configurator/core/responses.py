@@ -1,11 +1,11 @@
-"""`FastJSONResponse`: a response body serialized once by orjson, for hot read routes.
+"""`FastJSONResponse`: a body serialized by orjson and sent as it is, for hot read routes.
 
-A route that returns a plain dict is validated against its `response_model` and serialized by
-pydantic; for a page of 20 agents that costs more than the database work. Hot routes that build their
-body from rows the scoped managers already typed return this instead (FastAPI passes a `Response`
-through untouched); their `response_model` still documents the body in OpenAPI, and
-`tests/configurator/test_cfg_fast_responses.py` checks the two serializations stay byte-for-byte
-equivalent (schemathesis checks every response against the schema too).
+A route that returns a plain dict is validated against its `response_model` and serialized again by
+pydantic; for a page of 20 agents that cost more than the database work. `GET /agents` returns this
+instead, with the items already written as JSON by the database (`orjson.Fragment`); FastAPI passes a
+`Response` through untouched, and the route's `response_model` still documents the body in OpenAPI.
+`tests/configurator/test_cfg_fast_responses.py` checks that each item validates as, and equals, what
+the pydantic route `GET /agents/{id}` returns; schemathesis checks every response against the schema.
 """
 
 from __future__ import annotations
@@ -15,14 +15,8 @@ from typing import Any
 import orjson
 from fastapi.responses import JSONResponse
 
-# Database timestamps are naive UTC; the response models write them as "...Z" (see schemas.UtcDateTime).
-_OPTIONS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
-
-
-def dump_json(content: Any) -> bytes:
-    return orjson.dumps(content, option=_OPTIONS)
-
 
 class FastJSONResponse(JSONResponse):
+    # Naive datetimes are UTC, written "...Z" like the response models' `UtcDateTime`.
     def render(self, content: Any) -> bytes:
-        return dump_json(content)
+        return orjson.dumps(content, option=orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z)

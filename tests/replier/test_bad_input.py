@@ -108,24 +108,28 @@ def test_nested_segments_are_accepted_and_flattened(replier_server, tenant):
     assert history[0]["segments"]["type"] == "seglist"
 
 
-def test_bad_legacy_input_gets_a_clear_error(replier_server, tenant):
+async def _legacy_client(server, secret: str, received: list):
+    """A legacy-protocol (`Router`-style) python-socketio client whose inbound messages go to `received`."""
     import socketio
+
+    sio = socketio.AsyncClient(reconnection=False)
+
+    @sio.on("message")
+    async def on_message(data):
+        received.append(data)
+
+    await sio.connect(
+        server.http, socketio_path="ws", transports=["websocket"], headers={"Authorization": secret, "platform": "qq"}
+    )
+    return sio
+
+
+def test_bad_legacy_input_gets_a_clear_error(replier_server, tenant):
 
     received: list = []
 
     async def scenario():
-        sio = socketio.AsyncClient(reconnection=False)
-
-        @sio.on("message")
-        async def on_message(data):
-            received.append(data)
-
-        await sio.connect(
-            replier_server.http,
-            socketio_path="ws",
-            transports=["websocket"],
-            headers={"Authorization": tenant.secret, "platform": "qq"},
-        )
+        sio = await _legacy_client(replier_server, tenant.secret, received)
         try:
             await sio.emit("message", {"message_info": {"platform": "qq"}})  # no segment
             await sio.emit("message", legacy_message("x" * 20000, message_id="big-1", user_id="u-leg").to_dict())
@@ -213,24 +217,12 @@ def test_binary_segments_get_a_validation_error_over_the_api_protocol(replier_se
 
 
 def test_binary_segments_get_a_validation_error_over_the_legacy_protocol(replier_server):
-    import socketio
 
     ta = make_tenant()
     received: list = []
 
     async def scenario():
-        sio = socketio.AsyncClient(reconnection=False)
-
-        @sio.on("message")
-        async def on_message(data):
-            received.append(data)
-
-        await sio.connect(
-            replier_server.http,
-            socketio_path="ws",
-            transports=["websocket"],
-            headers={"Authorization": ta.secret, "platform": "qq"},
-        )
+        sio = await _legacy_client(replier_server, ta.secret, received)
         try:
             for i, (_label, segment, _code) in enumerate(BINARY_SEGMENTS):
                 data = legacy_message("x", message_id=f"bin-leg-{i}", user_id=f"l-bin-{i}").to_dict()
