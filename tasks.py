@@ -1,7 +1,7 @@
 """Developer operations (invoke). Test environments live in noxfile.py.
 
 invoke start-servers [--detach] [--database-url URL] [--configurator-port 8000] [--replier-port 8095]
-invoke status | stop-servers | db-upgrade | cleanup --prefix P | cleanup --tenant T
+invoke status | stop-servers | db-upgrade | cleanup --prefix RUN_ID [--force] | cleanup --tenant T
 invoke integration [--users 3 --agents 2 --messages 5] | load
 """
 
@@ -258,13 +258,26 @@ def status(c: Context, run_dir: str | None = None, configurator_url: str | None 
 
 @task(
     help={
-        "prefix": "delete tenants named with, or owned by accounts whose username starts with, PREFIX",
+        "prefix": "delete the accounts whose username starts with PREFIX (a run id such as "
+        "it_20261122031425_532a26_) and the tenants they alone belong to; tenant names are never matched",
+        "force": "allow a --prefix shorter than a run id (it may match other runs' or real users' accounts)",
         "tenant": "delete this tenant id and all its data",
         "database-url": "defaults to DATABASE_URL or sqlite:///data/maitenant.db",
     }
 )
-def cleanup(c: Context, prefix: str | None = None, tenant: str | None = None, database_url: str | None = None):
-    """Delete test data; prints rows deleted per table."""
+def cleanup(
+    c: Context,
+    prefix: str | None = None,
+    tenant: str | None = None,
+    database_url: str | None = None,
+    force: bool = False,
+):
+    """Delete test data; prints rows deleted per table.
+
+    `--prefix` matches account usernames only: a tenant with a member outside the matched accounts
+    is never deleted (only the matched accounts' memberships in it are removed), and an account that
+    is the only owner of such a tenant is kept and listed.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -272,18 +285,29 @@ def cleanup(c: Context, prefix: str | None = None, tenant: str | None = None, da
     from isolation import db as isolation_db
     from isolation.migrate import check_schema
 
-    if bool(prefix) == bool(tenant):
+    if (prefix is None) == (tenant is None):
         raise Exit("error: give exactly one of --prefix or --tenant", code=2)
+    if prefix is not None:
+        try:
+            isolation_cleanup.check_prefix(prefix, force=force)
+        except ValueError as exc:
+            raise Exit(f"error: {exc}", code=2) from None
     database = isolation_db.configure(_database_url(database_url))
     check_schema(database)
-    counts = isolation_cleanup.delete_by_prefix(prefix) if prefix else isolation_cleanup.delete_tenant(tenant)
-    table = Table(title=f"rows deleted ({'prefix ' + prefix if prefix else 'tenant ' + tenant})")
+    if prefix is not None:
+        counts = isolation_cleanup.delete_by_prefix(prefix, force=force)
+        left = [a["username"] for a in isolation_cleanup.accounts_with_prefix(prefix)]
+    else:
+        counts, left = isolation_cleanup.delete_tenant(tenant), []
+    table = Table(title=f"rows deleted ({'prefix ' + prefix if prefix is not None else 'tenant ' + tenant})")
     table.add_column("table")
     table.add_column("rows", justify="right")
     for name, count in sorted(counts.items()):
         table.add_row(name, str(count))
     table.add_row("total", str(sum(counts.values())), style="bold")
     Console().print(table)
+    if left:
+        raise Exit(f"accounts left (the only owners of tenants with other members): {left}", code=1)
 
 
 @task(

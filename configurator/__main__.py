@@ -2,6 +2,10 @@
 
 HOST (default 127.0.0.1), PORT (8000), DATABASE_URL (isolation's default), SECRET_KEY, ENVIRONMENT …
 come from the environment or `.env` (see configurator/core/config.py).
+
+X-Forwarded-For/-Proto are honoured only from the proxies named in FORWARDED_ALLOW_IPS; unset, uvicorn's
+proxy support is off (its own default would trust loopback, and a client on the same host could then
+choose the address the login limits count).
 """
 
 from __future__ import annotations
@@ -22,6 +26,19 @@ def describe_safely(url: str) -> str:
         return describe(url)
     except ValueError:
         return "the database (unparseable DATABASE_URL)"
+
+
+def uvicorn_options(settings) -> dict:
+    """Keyword arguments of `uvicorn.run` for these settings (proxy headers only from FORWARDED_ALLOW_IPS)."""
+    proxies = settings.trusted_proxies
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "proxy_headers": proxies is not None,
+        "forwarded_allow_ips": proxies,
+        "server_header": False,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         close_database()
     # uvicorn re-raises Ctrl-C after its graceful shutdown, which is already complete by then.
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+        uvicorn.run(create_app(settings), **uvicorn_options(settings))
     return 0
 
 

@@ -3,6 +3,10 @@
 At start-up (the lifespan) the thread pool of the sync routes is sized (`THREADPOOL_SIZE`), the
 isolation database is configured from the settings and the schema version is checked: an old or
 unknown schema stops the start with the command to run.
+
+Every response gets security headers (configurator/core/headers.py, wrapped around the whole stack).
+`/docs`, `/redoc` and `/openapi.json` are served in development and, in production, only with
+`DOCS_ENABLED=true`: the schema is a map of every route for whoever asks.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp
 
 from configurator.api.main import api_router
 from configurator.api.routes import health
@@ -21,6 +26,8 @@ from configurator.core.body_limit import BodySizeLimitMiddleware
 from configurator.core.config import API_PREFIX, Settings, get_settings
 from configurator.core.db import close_database, init_database
 from configurator.core.errors import install_error_handlers
+from configurator.core.headers import SecurityHeadersMiddleware
+from configurator.core.passwords import common_passwords
 from configurator.core.ratelimit import SlidingWindowLimiter
 from configurator.core.security import PasswordHasher, TokenService
 from isolation.db import parse_database_url
@@ -35,8 +42,22 @@ token as `Authorization: Bearer <token>`. Every error has the body
 """
 
 
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc")
+
+
+class ConfiguratorApp(FastAPI):
+    """FastAPI with the security headers outside Starlette's own error middleware, so that every
+    response, a 500 included, carries them."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        docs = DOCS_PATHS if self.docs_url else ()
+        return SecurityHeadersMiddleware(super().build_middleware_stack(), api_prefix=API_PREFIX, docs_paths=docs)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    common_passwords()  # read the bundled list now, not during the first registration
+    docs = settings.docs_served
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,18 +69,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await run_in_threadpool(close_database)
 
-    app = FastAPI(
+    app = ConfiguratorApp(
         title="MaiTenant configurator",
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        openapi_url="/openapi.json",
-        docs_url="/docs",
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     app.state.settings = settings
     app.state.tokens = TokenService(settings)
     app.state.hasher = PasswordHasher(settings)
-    app.state.login_limiter = SlidingWindowLimiter(settings.login_rate_limit, settings.login_rate_window_seconds)
+    window = settings.login_rate_window_seconds
+    app.state.login_limiter = SlidingWindowLimiter(settings.login_rate_limit, window)  # per account
+    app.state.login_address_limiter = SlidingWindowLimiter(settings.login_address_rate_limit, window)
+    app.state.register_limiter = SlidingWindowLimiter(
+        settings.register_rate_limit, settings.register_rate_window_seconds
+    )
     app.state.database_kind = parse_database_url(settings.resolved_database_url).dialect
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -97,7 +97,9 @@ class DeleteAccountRequest(RequestModel):
 
 class LogoutRequest(RequestModel):
     refresh_token: str = Field(min_length=1, max_length=4096)
-    all_sessions: bool = Field(default=False, description="also revoke every other refresh token of this account")
+    all_sessions: bool = Field(
+        default=False, description="also end every other session of this account in this tenant (tokens stop working)"
+    )
 
 
 class AccountOut(BaseModel):

@@ -1,7 +1,7 @@
 """`python -m integration_tests`: the end-to-end suite against running MaiTenant backends.
 
     python -m integration_tests --users 3 --agents 2 --messages 5 --report out.json
-    python -m integration_tests --cleanup-prefix it_20261122 --database-url sqlite:///data/maitenant.db
+    python -m integration_tests --cleanup-prefix it_20261122031425_532a26_ --database-url sqlite:///data/maitenant.db
 
 Exit status: 0 when every conversation got every reply, the stored history and tenant stats match
 and cleanup left nothing of the run; 1 otherwise; 2 for invalid arguments. See docs/INTEGRATION.md.
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cleanup-prefix",
         metavar="PREFIX",
-        help="only remove leftovers of earlier runs whose names start with PREFIX (needs --database-url)",
+        help="only remove leftovers of earlier runs: accounts whose username starts with PREFIX (a run id, e.g. "
+        "it_20261122031425_532a26_) and the tenants they alone belong to (needs --database-url)",
     )
     parser.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to wait for each reply (default 30)")
     parser.add_argument(
@@ -100,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: yes; topic templates otherwise)",
     )
     parser.add_argument(
-        "--force", action="store_true", help=f"allow a --cleanup-prefix that does not start with {SAFE_PREFIX!r}"
+        "--force",
+        action="store_true",
+        help=f"allow a --cleanup-prefix shorter than a run id or not starting with {SAFE_PREFIX!r}",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
     return parser
@@ -125,35 +128,41 @@ def write_report(report: dict, path: str) -> None:
 
 
 def cleanup_prefix(args: argparse.Namespace, console: Console) -> int:
+    from isolation.cleanup import check_prefix
+
     prefix = args.cleanup_prefix
+    try:
+        check_prefix(prefix, force=args.force)  # empty, or shorter than a run id without --force: exit 2
+    except ValueError as exc:
+        console.print(f"error: {exc}", markup=False)
+        return 2
     if not args.database_url:
         console.print("error: --cleanup-prefix needs --database-url (or DATABASE_URL) of the servers' database")
-        return 2
-    if len(prefix) < 3:
-        console.print("error: a cleanup prefix needs at least 3 characters")
         return 2
     if not prefix.startswith(SAFE_PREFIX) and not args.force:
         console.print(f"error: prefix {prefix!r} does not start with {SAFE_PREFIX!r}; pass --force if you mean it")
         return 2
     try:
-        result = delete_prefix_in_database(prefix, args.database_url, args.database_app_role)
+        result = delete_prefix_in_database(prefix, args.database_url, args.database_app_role, force=args.force)
     except Exception as exc:  # the database is unreachable or has another schema: say so, exit 1
         console.print(f"error: prefix cleanup failed: {type(exc).__name__}: {exc}", markup=False)
         return 1
     print_counts(result["deleted"], console, f"rows deleted (prefix {prefix})")
-    if result["tenants_left"]:
-        console.print(f"tenants left: {result['tenants_left']}", markup=False)
+    if result["accounts_left"]:
+        console.print(
+            f"accounts left (the only owners of tenants with other members): {result['accounts_left']}", markup=False
+        )
     if args.report:
-        write_report({"cleanup_prefix": prefix, **result, "ok": not result["tenants_left"]}, args.report)
+        write_report({"cleanup_prefix": prefix, **result, "ok": not result["accounts_left"]}, args.report)
         console.print(f"report written to {args.report}")
-    return 0 if not result["tenants_left"] else 1
+    return 0 if not result["accounts_left"] else 1
 
 
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = console or Console()
     logging.getLogger("maim_message").setLevel(logging.WARNING)
-    if args.cleanup_prefix:
+    if args.cleanup_prefix is not None:  # an empty prefix is refused there, never taken for "no prefix"
         return cleanup_prefix(args, console)
     options = RunOptions(
         users=args.users,

@@ -11,6 +11,7 @@ coverage data is saved too.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -33,6 +34,11 @@ DB_KIND = os.environ.get("MAITENANT_TEST_DB", "sqlite")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 START_TIMEOUT = 60.0
 TEST_SECRET = "integration-suite-secret-key-0123456789abcdef"
+# Anything started without SECRET_KEY keeps a generated secret in DATA_DIR (isolation/secret.py): the
+# session gets a private one (inherited by subprocesses), never the repository's data/.
+_DATA_DIR = tempfile.mkdtemp(prefix="maitenant-e2e-data-")
+os.environ["DATA_DIR"] = _DATA_DIR
+atexit.register(shutil.rmtree, _DATA_DIR, True)
 
 _running: list[Server] = []
 
@@ -108,8 +114,14 @@ def server_env(database: ProvisionedDatabase, port: int) -> dict[str, str]:
         # Cheap Argon2 parameters: the same code path, a fraction of the CPU on a small machine.
         PASSWORD_HASH_TIME_COST="1",
         PASSWORD_HASH_MEMORY_KIB="8192",
+        # One session signs up many accounts and checks refused logins, all from 127.0.0.1: the
+        # per-address limits (tested in tests/configurator/test_cfg_limits.py) would answer 429.
+        REGISTER_RATE_LIMIT="100000",
+        LOGIN_ADDRESS_RATE_LIMIT="100000",
         # Offline responder: deterministic replies, labelled as offline.
         LLM_PROVIDER="",
+        # Agents' fake models listen on loopback, which the egress policy refuses unless allowed.
+        LLM_ALLOWED_HOSTS="127.0.0.1",
         KEY_CACHE_SECONDS="0.5",
         REVOCATION_CHECK_SECONDS="1",
         SHUTDOWN_GRACE_SECONDS="5",

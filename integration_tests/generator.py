@@ -101,6 +101,7 @@ class Generator:
                 api_key=self.llm.api_key or None,
                 timeout=self.llm.timeout,
                 max_retries=1,
+                trusted=True,  # the operator's own LLM_BASE_URL: exempt from the agents' address check
             )
 
     @property

@@ -361,12 +361,17 @@ class Run:
         if self.options.database_url:
             mode.append("database")
             try:
+                # The run's own prefix (a whole run id unless a caller chose another): no --force to ask for.
                 counts = await asyncio.to_thread(
-                    delete_prefix_in_database, self.prefix, self.options.database_url, self.options.database_app_role
+                    delete_prefix_in_database,
+                    self.prefix,
+                    self.options.database_url,
+                    self.options.database_app_role,
+                    force=True,
                 )
                 deleted.update(counts["deleted"])
-                if counts["tenants_left"]:
-                    failures.append(f"tenants left after prefix cleanup: {counts['tenants_left']}")
+                if counts["accounts_left"]:
+                    failures.append(f"accounts left after prefix cleanup: {counts['accounts_left']}")
             except Exception as exc:  # report every database failure, never crash the report
                 failures.append(f"prefix cleanup in the database: {type(exc).__name__}: {exc}")
             self._advance("cleanup")
@@ -535,19 +540,23 @@ class Run:
         }
 
 
-def delete_prefix_in_database(prefix: str, database_url: str, app_role: str | None = None) -> dict:
-    """`isolation.cleanup.delete_by_prefix` on `database_url`; rows deleted per table + what is left."""
+def delete_prefix_in_database(
+    prefix: str, database_url: str, app_role: str | None = None, *, force: bool = False
+) -> dict:
+    """`isolation.cleanup.delete_by_prefix` on `database_url`: rows deleted per table, and the usernames of
+    matching accounts still there (the only owners of a tenant with other members are kept)."""
     from isolation import cleanup as isolation_cleanup
     from isolation import db as isolation_db
     from isolation.migrate import check_schema
 
+    isolation_cleanup.check_prefix(prefix, force=force)
     database = isolation_db.configure(database_url, app_role=app_role)
     try:
         check_schema(database)
-        deleted = isolation_cleanup.delete_by_prefix(prefix)
-        left = isolation_cleanup.tenants_with_prefix(prefix)
+        deleted = isolation_cleanup.delete_by_prefix(prefix, force=force)
+        left = [a["username"] for a in isolation_cleanup.accounts_with_prefix(prefix)]
     finally:
         database.close()
         if hasattr(database, "close_all"):
             database.close_all()
-    return {"deleted": {k: v for k, v in sorted(deleted.items())}, "tenants_left": left}
+    return {"deleted": {k: v for k, v in sorted(deleted.items())}, "accounts_left": left}

@@ -51,40 +51,59 @@ def test_urls_and_database_default_to_the_environment(monkeypatch):
 
 
 # -- --cleanup-prefix -----------------------------------------------------------------------------
-def test_cleanup_prefix_needs_three_characters(tmp_path):
-    code, output = run_cli(["--cleanup-prefix", "it", "--database-url", f"sqlite:///{tmp_path}/x.db"])
-    assert code == 2 and "at least 3 characters" in output
+RUN_PREFIX = "it_20261122031425_532a26_"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cleanup-prefix", ""], "error: an empty cleanup prefix would match every account: refused"),
+        (["--cleanup-prefix", "", "--force"], "error: an empty cleanup prefix would match every account: refused"),
+        (["--cleanup-prefix", "it", "--force"], "error: a cleanup prefix needs at least 3 characters"),
+        (["--cleanup-prefix", "it_"], "error: prefix 'it_' is shorter than a run id (24 characters"),
+        (["--cleanup-prefix", "it_20261122"], "may match accounts of other runs or of real users; pass --force"),
+        (["--cleanup-prefix", "bystander_0123456789abcdef"], "does not start with 'it_'; pass --force"),
+    ],
+)
+def test_empty_short_and_foreign_cleanup_prefixes_exit_2_before_touching_anything(tmp_path, monkeypatch, args, message):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("nothing may be deleted, nor a run started")
+
+    monkeypatch.setattr(cli, "delete_prefix_in_database", must_not_run)
+    monkeypatch.setattr(cli, "Run", must_not_run)
+    code, output = run_cli([*args, "--database-url", f"sqlite:///{tmp_path}/x.db"])
+    assert code == 2 and message in " ".join(output.split()), output
 
 
 def test_cleanup_prefix_on_a_database_without_schema_exits_1(tmp_path):
     report = tmp_path / "out.json"
-    args = ["--cleanup-prefix", "it_x_", "--database-url", f"sqlite:///{tmp_path}/empty.db", "--report", str(report)]
+    args = ["--cleanup-prefix", RUN_PREFIX, "--database-url", f"sqlite:///{tmp_path}/empty.db", "--report", str(report)]
     code, output = run_cli(args)
     assert code == 1
     assert "error: prefix cleanup failed: SchemaVersionError: database schema is at version 0" in output
     assert not report.exists()  # nothing was cleaned, nothing to report
 
 
-@pytest.mark.parametrize("left", [[], ["keep_t1"]])
+@pytest.mark.parametrize("left", [[], ["keep_owner"]])
 def test_cleanup_prefix_prints_counts_and_writes_the_report(tmp_path, monkeypatch, left):
     calls = []
 
-    def fake_delete(prefix, url, role):
-        calls.append((prefix, url, role))
-        return {"deleted": {"accounts": 2, "tenants": 1}, "tenants_left": left}
+    def fake_delete(prefix, url, role, *, force):
+        calls.append((prefix, url, role, force))
+        return {"deleted": {"accounts": 2, "tenants": 1}, "accounts_left": left}
 
     monkeypatch.setattr(cli, "delete_prefix_in_database", fake_delete)
     report = tmp_path / "sub" / "cleanup.json"
     args = ["--cleanup-prefix", "keep_", "--force", "--database-url", "sqlite:///db", "--database-app-role", "app"]
     code, output = run_cli([*args, "--report", str(report)])
-    assert calls == [("keep_", "sqlite:///db", "app")]  # --force: a prefix without it_ is accepted
+    assert calls == [("keep_", "sqlite:///db", "app", True)]  # --force: short and without it_, accepted
     assert code == (1 if left else 0)
     assert "(prefix keep_)" in output and "accounts" in output and f"report written to {report}" in output
-    assert ("tenants left: ['keep_t1']" in output) is bool(left)
+    assert ("accounts left (the only owners of tenants with other members): ['keep_owner']" in output) is bool(left)
     assert json.loads(report.read_text()) == {
         "cleanup_prefix": "keep_",
         "deleted": {"accounts": 2, "tenants": 1},
-        "tenants_left": left,
+        "accounts_left": left,
         "ok": not left,
     }
 

@@ -23,6 +23,7 @@ from integration_tests.chat import ChatConnection, ChatError, Reply
 from integration_tests.generator import DEFAULT_TOPICS
 from integration_tests.runner import Conversation, Run, RunOptions
 from integration_tests.test_end_to_end import run
+from isolation.cleanup import RUN_ID_LENGTH
 
 
 class FakeConfigurator:
@@ -239,19 +240,19 @@ def test_every_cleanup_failure_is_reported(tmp_path):
     assert r.errors == failures
 
 
-def test_tenants_left_by_the_prefix_cleanup_make_it_incomplete(monkeypatch):
+def test_accounts_left_by_the_prefix_cleanup_make_it_incomplete(monkeypatch):
     r = new_run(database_url="sqlite:///unused.db")
     calls = []
 
-    def leaves_one(prefix, url, role):
-        calls.append((prefix, url, role))
-        return {"deleted": {"accounts": 2}, "tenants_left": [f"{prefix}u0"]}
+    def leaves_one(prefix, url, role, *, force):
+        calls.append((prefix, url, role, force))
+        return {"deleted": {"accounts": 2}, "accounts_left": [f"{prefix}u0"]}
 
     monkeypatch.setattr(runner_module, "delete_prefix_in_database", leaves_one)
     run(r.cleanup())
     run(r.api.aclose())
-    assert calls == [(r.prefix, "sqlite:///unused.db", None)]
-    assert r.cleanup_report["failures"] == [f"tenants left after prefix cleanup: ['{r.prefix}u0']"]
+    assert calls == [(r.prefix, "sqlite:///unused.db", None, True)]  # the run's own prefix
+    assert r.cleanup_report["failures"] == [f"accounts left after prefix cleanup: ['{r.prefix}u0']"]
     assert r.cleanup_report["complete"] is False and r.cleanup_report["deleted"] == {"accounts": 2}
 
 
@@ -326,11 +327,17 @@ def test_conversations_check_every_reply_and_progress_counts_every_message():
     assert "mtk_" not in json.dumps(report)
 
 
-def test_delete_prefix_in_database_refuses_a_database_without_schema(tmp_path):
+def test_delete_prefix_in_database_refuses_a_database_without_schema_and_a_short_prefix(tmp_path):
     from isolation.migrate import SchemaVersionError
 
+    empty = tmp_path / "empty.db"
     with pytest.raises(SchemaVersionError, match="schema is at version 0"):
-        runner_module.delete_prefix_in_database("it_", f"sqlite:///{tmp_path / 'empty.db'}")
+        runner_module.delete_prefix_in_database("it_", f"sqlite:///{empty}", force=True)
+    empty.unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="shorter than a run id"):
+        runner_module.delete_prefix_in_database("it_", f"sqlite:///{empty}")
+    assert not empty.exists()  # refused before the database was even opened
+    assert len(runner_module.new_run_prefix()) == RUN_ID_LENGTH + 1  # a run's own prefix needs no --force
 
 
 def test_run_urls_and_prefixes():

@@ -296,10 +296,47 @@ def test_cleanup_prefix_removes_leftovers_of_a_no_cleanup_run(kept_run, servers,
 
 def test_cleanup_prefix_needs_a_database_and_a_safe_prefix(servers, monkeypatch):
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    code, output = run_cli(["--cleanup-prefix", "it_nothing_"])
+    code, output = run_cli(["--cleanup-prefix", new_run_prefix()])
     assert code == 2 and "--database-url" in output
-    code, output = run_cli(["--cleanup-prefix", "bystander", "--database-url", servers.database.url])
-    assert code == 2 and "--force" in output
+    for prefix in ("bystander", "it_", ""):
+        code, output = run_cli(["--cleanup-prefix", prefix, "--database-url", servers.database.url])
+        assert code == 2 and ("--force" in output or "empty cleanup prefix" in output), output
+
+
+def test_cleanup_prefix_never_deletes_a_customers_tenant_named_like_the_run(servers, bystander):
+    """Tenant names are the customer's: only the run's accounts (and tenants only they belong to) go."""
+    prefix = new_run_prefix()
+    customer = f"carol_{secrets.token_hex(4)}"
+
+    async def make() -> tuple[dict, Account]:
+        async with ConfiguratorClient(servers.configurator_url) as api:
+            body = {"username": customer, "email": f"{customer}@example.com", "password": PASSWORD}
+            registered = await api.request(
+                "POST", "/auth/register", json={**body, "tenant_name": f"{prefix}my real company"}, expect=201
+            )
+            run_account = await api.register(f"{prefix}u0", f"{prefix}u0@example.com", PASSWORD)
+            return registered, run_account
+
+    registered, run_account = run(make())
+    customer_tenant = registered["tenant"]["id"]
+    before = tenant_row_counts(servers.database, customer_tenant)
+    args = ["--cleanup-prefix", prefix, "--database-url", servers.database.url]
+    if servers.database.app_role:
+        args += ["--database-app-role", servers.database.app_role]
+    code, output = run_cli(args)
+    assert code == 0, output
+    assert tenant_row_counts(servers.database, customer_tenant) == before and before["memberships"] == 1
+    assert run(_login_statuses(servers, [customer, run_account.username])) == [200, 401]
+    assert set(tenant_row_counts(servers.database, run_account.tenant_id).values()) == {0}
+    assert_bystander_untouched(servers, bystander)
+
+    async def remove_customer() -> None:
+        async with ConfiguratorClient(servers.configurator_url) as api:
+            account = Account(customer, f"{customer}@example.com", PASSWORD, "", customer_tenant, "", "")
+            await api.login(account)
+            await api.delete_account(account)
+
+    run(remove_customer())
 
 
 # -- cross-tenant probes ---------------------------------------------------------------------------

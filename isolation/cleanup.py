@@ -1,4 +1,7 @@
-"""Cleanup: delete a tenant, an agent's history, or everything a test run created (by prefix).
+"""Cleanup: delete a tenant, an agent's history, an account, or what a test run created (by prefix).
+
+A prefix cleanup matches account usernames only (test runs name their accounts with the run id) and
+takes the tenants those accounts alone belong to; it never matches tenant names, which customers choose.
 
 Each function deletes table by table (children first) inside the tenant's own context, so on
 PostgreSQL row-level security guards the deletes too, and returns rows deleted per table.
@@ -7,13 +10,14 @@ PostgreSQL row-level security guards the deletes too, and returns rows deleted p
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from peewee import fn
 
 from isolation import db as _db
 from isolation.context import IsolationContext
 from isolation.errors import Conflict, NotFound
-from isolation.models import TENANT_MODELS, Account, RefreshToken, Tenant
+from isolation.models import TENANT_MODELS, Account, Membership, RefreshToken, Tenant
 from isolation.scoped import Scoped
 from isolation.system import account_memberships
 
@@ -52,41 +56,114 @@ def delete_agent_history(ctx: IsolationContext, agent_id: str) -> dict[str, int]
     return counts
 
 
+# A run id of `integration_tests` (`it_<yyyymmddhhmmss>_<6 hex>`, see `runner.new_run_prefix`): prefixes
+# shorter than this could match more than one run, or people, and need `force`.
+RUN_ID_LENGTH = len("it_20261122031425_532a26")
+MIN_FORCED_PREFIX_LENGTH = 3
+
+
+def check_prefix(prefix: str, *, force: bool = False) -> str:
+    """`prefix` if a prefix cleanup may use it, else `ValueError` saying why (the CLIs exit 2 with it)."""
+    if not prefix:
+        raise ValueError("an empty cleanup prefix would match every account: refused")
+    if len(prefix) < MIN_FORCED_PREFIX_LENGTH:
+        raise ValueError(f"a cleanup prefix needs at least {MIN_FORCED_PREFIX_LENGTH} characters")
+    if len(prefix) < RUN_ID_LENGTH and not force:
+        raise ValueError(
+            f"prefix {prefix!r} is shorter than a run id ({RUN_ID_LENGTH} characters, e.g. it_20261122031425_532a26) "
+            "and may match accounts of other runs or of real users; pass --force if you mean it"
+        )
+    return prefix
+
+
 def _starts(column, prefix: str):
     """Exact, case-sensitive prefix match (LIKE would treat `_` and `%` as wildcards)."""
     return fn.SUBSTR(column, 1, len(prefix)) == prefix
 
 
-def _accounts_with_prefix(prefix: str) -> list[str]:
-    return [a for (a,) in Account.select(Account.id).where(_starts(Account.username, prefix)).tuples()]
+def accounts_with_prefix(prefix: str) -> list[dict]:
+    """Accounts whose username starts with `prefix`: [{id, username}], by username.
+
+    Usernames are what test runs choose (the run id first); tenant names are chosen by customers and
+    are never matched, so a customer's tenant called `it_<run>_…` is not touched.
+    """
+    if not prefix:
+        raise ValueError("an empty cleanup prefix would match every account: refused")
+    query = (
+        Account.select(Account.id, Account.username)
+        .where(_starts(Account.username, prefix))
+        .order_by(Account.username)
+        .dicts()
+    )
+    return list(query)
 
 
-def tenants_with_prefix(prefix: str) -> list[str]:
-    """Tenants named with `prefix`, or owned by an account whose username starts with it."""
-    if not prefix or len(prefix) < 3:
-        raise ValueError("a cleanup prefix needs at least 3 characters")
-    found: set[str] = set()
-    # tenants and accounts are global tables; the owner's memberships come through the narrow lookup.
-    if _db.is_postgres():
-        rows = _db.database.execute_sql("SELECT id FROM mt_tenants_with_prefix(%s)", (prefix,)).fetchall()
-        found.update(r[0] for r in rows)
-    else:
-        found.update(t for (t,) in Tenant.select(Tenant.id).where(_starts(Tenant.name, prefix)).tuples())
-    for account_id in _accounts_with_prefix(prefix):
-        found.update(m["tenant_id"] for m in account_memberships(account_id) if m["role"] == "owner")
-    return sorted(found)
+@dataclass(frozen=True)
+class PrefixPlan:
+    """What a prefix cleanup deletes, worked out before anything is deleted.
+
+    `accounts`: the matched accounts that go. `tenants`: tenants whose every member is a matched
+    account (deleted with all their data). `memberships`: (account, tenant) memberships of matched
+    accounts in tenants that have other members (only the membership goes). `kept`: matched accounts
+    that are the only owners of a tenant with other members, with those tenants; such an account, its
+    memberships and its tenants are left alone, since deleting it would leave someone else's tenant
+    without an owner.
+    """
+
+    accounts: list[str]
+    tenants: list[str]
+    memberships: list[tuple[str, str]]
+    kept: dict[str, list[str]]
 
 
-def delete_by_prefix(prefix: str) -> dict[str, int]:
-    """Delete the tenants of `tenants_with_prefix` and the accounts whose username starts with it."""
-    totals: Counter[str] = Counter(_empty_counts())
-    for tenant_id in tenants_with_prefix(prefix):
-        totals.update(delete_tenant(tenant_id))
-    for account_id in _accounts_with_prefix(prefix):
-        # Memberships in tenants that survive (e.g. a bystander that invited this account) are
-        # removed inside those tenants' own contexts, so the counts stay exact.
+def plan_prefix_cleanup(prefix: str) -> PrefixPlan:
+    """The `PrefixPlan` of the accounts whose username starts with `prefix`."""
+    matched = {a["id"] for a in accounts_with_prefix(prefix)}
+    ours: dict[str, dict[str, str]] = {}  # tenant -> {matched account: role}
+    for account_id in sorted(matched):
         for membership in account_memberships(account_id):
-            _leave_tenant(account_id, membership["tenant_id"], totals)
+            ours.setdefault(membership["tenant_id"], {})[account_id] = membership["role"]
+    outsiders: dict[str, set[str]] = {}  # tenant -> roles of its members that were not matched
+    kept: dict[str, list[str]] = {}
+    for tenant_id, roles in sorted(ours.items()):
+        with _db.tenant_transaction(tenant_id):
+            members = (
+                Membership.select(Membership.account_id, Membership.role)
+                .where(Membership.tenant_id == tenant_id)
+                .tuples()
+            )
+            outsiders[tenant_id] = {role for account_id, role in members if account_id not in matched}
+        if outsiders[tenant_id] and "owner" not in outsiders[tenant_id]:
+            for account_id in (a for a, role in roles.items() if role == "owner"):
+                kept.setdefault(account_id, []).append(tenant_id)
+    tenants: list[str] = []
+    memberships: list[tuple[str, str]] = []
+    for tenant_id, roles in sorted(ours.items()):
+        if not outsiders[tenant_id] and not roles.keys() & kept.keys():
+            tenants.append(tenant_id)
+        else:
+            memberships.extend((account_id, tenant_id) for account_id in sorted(roles) if account_id not in kept)
+    return PrefixPlan(sorted(matched - kept.keys()), tenants, memberships, kept)
+
+
+def delete_by_prefix(prefix: str, *, force: bool = False) -> dict[str, int]:
+    """Delete the accounts whose username starts with `prefix`, and the tenants only they belong to.
+
+    A tenant with any other member is never deleted: the matched accounts' memberships in it are
+    removed, except where a matched account is its only owner (that account is kept; see
+    `PrefixPlan`). `check_prefix` applies (`force` for prefixes shorter than a run id). Rows deleted
+    per table.
+    """
+    check_prefix(prefix, force=force)
+    plan = plan_prefix_cleanup(prefix)
+    totals: Counter[str] = Counter(_empty_counts())
+    totals["accounts"] = 0
+    for tenant_id in plan.tenants:
+        totals.update(delete_tenant(tenant_id))
+    for account_id, tenant_id in plan.memberships:
+        # Inside that tenant's own context, so the counts stay exact and RLS guards the delete.
+        _leave_tenant(account_id, tenant_id, totals)
+    for account_id in plan.accounts:
         with _db.write_transaction():
             totals["accounts"] += Account.delete().where(Account.id == account_id).execute()
     return dict(totals)

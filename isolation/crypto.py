@@ -1,8 +1,9 @@
 """Encryption of stored provider keys (an agent's LLM API key) with Fernet.
 
-The key comes from `MAITENANT_ENCRYPTION_KEY` (a Fernet key) or, failing that, is derived from
-`SECRET_KEY`, so the configurator (which encrypts) and the replier (which decrypts) agree as long as
-they share settings. A development default exists; `ENVIRONMENT=production` refuses it.
+The key comes from `MAITENANT_ENCRYPTION_KEY` (a Fernet key) or, failing that, is derived from the
+server secret (`isolation.secret`: `SECRET_KEY`, or the secret generated in `DATA_DIR` at first
+start), so the configurator (which encrypts) and the replier (which decrypts) agree as long as they
+share settings or the data directory. No public default exists.
 """
 
 from __future__ import annotations
@@ -14,30 +15,40 @@ from functools import lru_cache
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEV_SECRET_KEY = "maitenant-development-secret-change-me"  # noqa: S105 - refused in production
+from isolation import secret
 
 
-class SecretSettings(BaseSettings):
+class EncryptionSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    secret_key: str = DEV_SECRET_KEY
     maitenant_encryption_key: str | None = None
-    environment: str = "development"
 
 
 class SecretBoxError(RuntimeError):
-    """A stored secret cannot be decrypted (wrong key) or the settings are unsafe."""
+    """A stored secret cannot be decrypted (wrong key) or the key settings are unusable."""
 
 
 @lru_cache(maxsize=1)
 def _fernet() -> Fernet:
-    settings = SecretSettings()
+    settings = EncryptionSettings()
     if settings.maitenant_encryption_key:
-        return Fernet(settings.maitenant_encryption_key.encode())
-    if settings.environment == "production" and settings.secret_key == DEV_SECRET_KEY:
-        raise SecretBoxError("ENVIRONMENT=production needs SECRET_KEY or MAITENANT_ENCRYPTION_KEY to be set")
-    digest = hashlib.sha256(b"maitenant-fernet\x00" + settings.secret_key.encode()).digest()
+        try:
+            return Fernet(settings.maitenant_encryption_key.encode())
+        except ValueError as exc:  # never echo the value: it is the key
+            raise SecretBoxError(
+                "MAITENANT_ENCRYPTION_KEY is not a valid Fernet key (32 url-safe base64 bytes)"
+            ) from exc
+    try:
+        server_secret = secret.get_secret_key()
+    except secret.UnsafeSecretError as exc:
+        raise SecretBoxError(str(exc)) from exc
+    digest = hashlib.sha256(b"maitenant-fernet\x00" + server_secret.encode()).digest()
     return Fernet(base64.urlsafe_b64encode(digest))
+
+
+def check_key() -> None:
+    """Resolve the encryption key now (start-up), so a bad setting stops the process, not a reply."""
+    _fernet()
 
 
 def encrypt_secret(plain: str) -> str:
@@ -52,5 +63,6 @@ def decrypt_secret(token: str) -> str:
 
 
 def reset_cache() -> None:
-    """Forget the derived key (tests that change settings)."""
+    """Forget the derived key and the resolved server secret (tests that change settings)."""
     _fernet.cache_clear()
+    secret.get_secret_key.cache_clear()

@@ -15,9 +15,9 @@ from isolation.config import get_database_settings
 from isolation.db import make_database, parse_database_url
 from isolation.errors import SchemaVersionError
 from isolation.ids import utcnow
-from isolation.migrations import m0001_initial, m0002_agent_templates
+from isolation.migrations import m0001_initial, m0002_agent_templates, m0003_security
 
-MIGRATIONS: tuple[ModuleType, ...] = (m0001_initial, m0002_agent_templates)
+MIGRATIONS: tuple[ModuleType, ...] = (m0001_initial, m0002_agent_templates, m0003_security)
 LATEST_VERSION: int = MIGRATIONS[-1].VERSION
 _LOCK_ID = 0x6D74_656E  # "mten": serialises concurrent upgrades on PostgreSQL
 
@@ -65,7 +65,17 @@ def _grant_app_role(db: Database, role: str) -> None:
     run(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(ident))
     run(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}").format(ident))
     run(sql.SQL("REVOKE INSERT, UPDATE, DELETE ON schema_migrations FROM {}").format(ident))
-    for signature in m0001_initial.FUNCTION_SIGNATURES:
+    # Password hashes: every column of `accounts` but `password_hash` (revoking the table-wide SELECT
+    # also revokes column grants, so a column added later is granted at the next upgrade); login reads
+    # one account's hash through `mt_login_secret`.
+    readable = db.execute_sql(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'public' "
+        "AND table_name = 'accounts' AND column_name <> 'password_hash' ORDER BY ordinal_position"
+    ).fetchall()
+    run(sql.SQL("REVOKE SELECT ON accounts FROM {}").format(ident))
+    columns = sql.SQL(", ").join(sql.Identifier(name) for (name,) in readable)
+    run(sql.SQL("GRANT SELECT ({}) ON accounts TO {}").format(columns, ident))
+    for signature in (*m0001_initial.FUNCTION_SIGNATURES, *m0003_security.LOGIN_FUNCTION_SIGNATURES):
         run(sql.SQL("GRANT EXECUTE ON FUNCTION " + signature + " TO {}").format(ident))
 
 

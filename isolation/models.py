@@ -124,6 +124,8 @@ class RefreshToken(TenantModel):
     revoked_at = DateTimeField(null=True)
     replaced_by = SafeCharField(null=True)
     created_at = DateTimeField()
+    # The sign-in session (the tokens' `sid`); NULL only on rows from before schema version 3.
+    session_id = SafeCharField(null=True)
 
     class Meta:
         table_name = "refresh_tokens"

@@ -274,6 +274,35 @@ class MembershipManager(_Manager):
             raise NotFound(self.entity)
         return rows[0]
 
+    def get_with_session(self, account_id: str, session_id: str) -> dict:
+        """`get(account_id)` plus `session_active`: whether the sign-in session `session_id` of the
+        account still has a refresh token that is neither revoked nor expired.
+
+        One statement (the session check is an EXISTS inside the membership lookup), so checking that
+        an access token was not logged out costs no extra round trip on the hot path.
+        """
+        columns, names, decoders = _compiled_select(Membership, self.hidden)
+        p = _db.database.param
+        sql = (
+            f"SELECT {columns}, EXISTS (SELECT 1 FROM {RefreshToken._meta.table_name} r "
+            f"WHERE r.tenant_id = m.tenant_id AND r.session_id = {p} AND r.account_id = m.account_id "
+            f"AND r.revoked_at IS NULL AND r.expires_at > {p}) "
+            f"FROM {Membership._meta.table_name} m WHERE m.tenant_id = {p} AND m.account_id = {p}"
+        )
+        params = (
+            RefreshToken.session_id.db_value(session_id),
+            RefreshToken.expires_at.db_value(utcnow()),
+            self.ctx.tenant_id,
+            Membership.account_id.db_value(account_id),
+        )
+        with self._reading():
+            row = _db.database.execute_sql(sql, params).fetchone()
+        if row is None:
+            raise NotFound(self.entity)
+        found = {name: decode(value) for name, decode, value in zip(names, decoders, row, strict=False)}
+        found["session_active"] = bool(row[-1])
+        return found
+
     def add(self, account_id: str, role: str) -> dict:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
@@ -304,7 +333,7 @@ class RefreshTokenManager(_Manager):
     def _pk(self, row_id: str):
         return RefreshToken.jti == row_id
 
-    def issue(self, jti: str, account_id: str, expires_at: datetime) -> dict:
+    def issue(self, jti: str, account_id: str, expires_at: datetime, *, session_id: str | None = None) -> dict:
         with _parent_must_exist("membership"), self._writing():
             RefreshToken.insert(
                 tenant_id=self.ctx.tenant_id,
@@ -312,28 +341,31 @@ class RefreshTokenManager(_Manager):
                 account_id=account_id,
                 expires_at=expires_at,
                 created_at=utcnow(),
+                session_id=session_id,
             ).execute()
         return self.get(jti)
 
-    def rotate(self, jti: str, account_id: str, new_jti: str, expires_at: datetime) -> dict:
-        """Revoke `jti` and issue `new_jti` in one transaction.
+    def rotate(
+        self, jti: str, account_id: str, new_jti: str, expires_at: datetime, *, session_id: str | None = None
+    ) -> dict:
+        """Revoke `jti` and issue `new_jti` (of the same session) in one transaction.
 
-        Raises `NotFound` when `jti` is unknown, expired or already used. Reuse of a rotated token
-        revokes every token of the account (a stolen refresh token stops working for everyone).
+        Raises `NotFound` when `jti` is unknown, expired, already used or (with `session_id`) of
+        another session. Reuse of a rotated token revokes every token of the account (a stolen
+        refresh token stops working for everyone).
         """
         now = utcnow()
+        condition = (
+            self._scope()
+            & (RefreshToken.jti == jti)
+            & (RefreshToken.account_id == account_id)
+            & RefreshToken.revoked_at.is_null()
+            & (RefreshToken.expires_at > now)
+        )
+        if session_id is not None:
+            condition &= RefreshToken.session_id == session_id
         with self._writing():
-            used = (
-                RefreshToken.update(revoked_at=now, replaced_by=new_jti)
-                .where(
-                    self._scope()
-                    & (RefreshToken.jti == jti)
-                    & (RefreshToken.account_id == account_id)
-                    & RefreshToken.revoked_at.is_null()
-                    & (RefreshToken.expires_at > now)
-                )
-                .execute()
-            )
+            used = RefreshToken.update(revoked_at=now, replaced_by=new_jti).where(condition).execute()
             if used:
                 RefreshToken.insert(
                     tenant_id=self.ctx.tenant_id,
@@ -341,6 +373,7 @@ class RefreshTokenManager(_Manager):
                     account_id=account_id,
                     expires_at=expires_at,
                     created_at=now,
+                    session_id=session_id,
                 ).execute()
         if used:
             return self.get(new_jti)
@@ -372,6 +405,15 @@ class RefreshTokenManager(_Manager):
 
     def revoke(self, jti: str) -> None:
         self._update(jti, {RefreshToken.revoked_at: utcnow()})
+
+    def revoke_session(self, session_id: str) -> int:
+        """Revoke every refresh token of one sign-in session (its access tokens stop working too)."""
+        with self._writing():
+            return (
+                RefreshToken.update(revoked_at=utcnow())
+                .where(self._scope() & (RefreshToken.session_id == session_id) & RefreshToken.revoked_at.is_null())
+                .execute()
+            )
 
     def revoke_all(self, account_id: str) -> int:
         with self._writing():

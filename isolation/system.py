@@ -1,9 +1,10 @@
 """Operations that must run before a tenant is known, kept narrow and explicit.
 
-Login needs an account's memberships, the replier needs the tenant of an API key, registration
-creates a tenant. On PostgreSQL the two cross-tenant lookups go through `SECURITY DEFINER` functions
-(`mt_lookup_api_key`, `mt_account_memberships`) that return only the columns needed; nothing here
-returns another tenant's data to a caller that does not already hold the credential.
+Login needs an account's memberships and password hash, the replier needs the tenant of an API key,
+registration creates a tenant. On PostgreSQL these lookups go through `SECURITY DEFINER` functions
+(`mt_lookup_api_key`, `mt_account_memberships`, `mt_login_secret`) that return only the columns
+needed, and the application role may read every column of `accounts` except `password_hash`; nothing
+here returns another tenant's data to a caller that does not already hold the credential.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ def account_memberships(account_id: str) -> list[dict]:
     return list(query)
 
 
+# What `mt_login_secret` returns besides the hash: the same fields as `_account_columns()`.
+_LOGIN_FIELDS = ("id", "username", "email", "status", "created_at")
+
+
 def _account_columns():
     return [f for name, f in Account._meta.fields.items() if name != "password_hash"]
 
@@ -108,8 +113,26 @@ def get_account(account_id: str) -> dict:
 
 
 def find_account_for_login(login: str) -> tuple[dict, str] | None:
-    """(account, password hash) by username or email, or None."""
-    row = Account.select().where((Account.username == login) | (Account.email == login)).dicts().first()
+    """(account, password hash) of the account whose username (first) or email is exactly `login`, or None.
+
+    On PostgreSQL the application role may not read `password_hash` (column privileges): the one hash
+    login needs comes from the `SECURITY DEFINER` function `mt_login_secret`.
+    """
+    if _db.is_postgres():
+        row = _db.database.execute_sql(
+            "SELECT id, username, email, status, created_at, password_hash FROM mt_login_secret(%s)", (login,)
+        ).fetchone()
+        if row is None:
+            return None
+        *values, password_hash = row
+        return dict(zip(_LOGIN_FIELDS, values, strict=True)), password_hash
+    row = (
+        Account.select(*_account_columns(), Account.password_hash)
+        .where((Account.username == login) | (Account.email == login))
+        .order_by((Account.username == login).desc(), Account.id)
+        .dicts()
+        .first()
+    )
     if row is None:
         return None
     password_hash = row.pop("password_hash")

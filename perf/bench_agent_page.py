@@ -5,7 +5,7 @@
 
 Each "request" does what the route does inside `Principal.session()`: take a connection, open the
 tenant's read transaction (PostgreSQL binds the tenant for row-level security), check the caller's
-membership, read a page of 20 agents, and turn it into the JSON body:
+membership and sign-in session (one statement), read a page of 20 agents, and turn it into the JSON body:
 
 - `rows`: `agents.list_with_key_flags()` (rows decoded into Python) and `orjson.dumps` of the page;
 - `page_json`: `agents.page_json()` (the page built as JSON by the database) spliced in with
@@ -21,18 +21,23 @@ import argparse
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import orjson
 
 from isolation import IsolationContext, Scoped, system
 from isolation import db as isolation_db
+from isolation.ids import utcnow
 from isolation.testing import provision_database
+
+SESSION = "bench-session"
 
 
 def _seed(agents: int) -> tuple[IsolationContext, str]:
     account = system.create_account("bench", "bench@example.com", "not-a-real-hash")
     tenant = system.create_tenant("bench", account["id"])
     ctx = IsolationContext(tenant["id"])
+    Scoped(ctx).refresh_tokens.issue("bench-jti", account["id"], utcnow() + timedelta(days=1), session_id=SESSION)
     templates = system.list_templates()
     for i in range(agents):
         template = templates[i % len(templates)]
@@ -45,7 +50,7 @@ def _request(real, ctx: IsolationContext, account_id: str, body: Callable[[Scope
     try:
         with isolation_db.tenant_transaction(ctx.tenant_id):
             scoped = Scoped(ctx)
-            scoped.memberships.get(account_id)
+            scoped.memberships.get_with_session(account_id, SESSION)
             return body(scoped)
     finally:
         if isolation_db.is_postgres():  # back to the pool, as configurator.core.db.connection() does

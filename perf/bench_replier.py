@@ -252,6 +252,8 @@ def main() -> None:
             port = free_port()
             env = dict(os.environ, DATABASE_URL=prov.url, PORT=str(port), LOG_LEVEL="warning", LLM_PROVIDER="")
             env["MAX_CONNECTIONS"] = str(max(10_000, args.hold + 100))
+            # Every benchmark client comes from 127.0.0.1 and many connect at once.
+            env["MAX_CONNECTIONS_PER_ADDRESS"] = env["MAX_UNAUTHENTICATED"] = env["MAX_CONNECTIONS"]
             if prov.app_role:
                 env["DATABASE_APP_ROLE"] = prov.app_role
             url = f"http://127.0.0.1:{port}"

@@ -14,7 +14,8 @@ username, password, tenant_id, agent_id, api_key, platform, group_id, chat_strea
 and the locust files give each simulated user its own row, so every user acts for its own
 (tenant, agent, platform, chat). The file holds live API keys: it is written with mode 0600.
 
-`--cleanup` runs `isolation.cleanup.delete_by_prefix("load_")` and prints the rows deleted per table.
+`--cleanup` runs `isolation.cleanup.delete_by_prefix("load_", force=True)` (accounts named `load_…` and the
+tenants only they belong to) and prints the rows deleted per table.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
 def cleanup(prefix: str = PREFIX) -> dict[str, int]:
     from isolation.cleanup import delete_by_prefix
 
-    return delete_by_prefix(prefix)
+    # The load accounts' own prefix, short on purpose (every seeded run): hence force.
+    return delete_by_prefix(prefix, force=True)
 
 
 def main(argv: list[str] | None = None) -> int:

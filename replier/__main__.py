@@ -10,9 +10,10 @@ import sys
 import uvicorn
 
 from isolation import db as isolation_db
+from isolation.crypto import SecretBoxError, check_key
 from isolation.errors import SchemaVersionError
 from isolation.migrate import check_schema
-from replier.app import create_app
+from replier.app import create_app, http_buffer_limit
 from replier.core.config import get_settings
 
 log = logging.getLogger("replier")
@@ -66,6 +67,13 @@ def main() -> int:
         print(f"replier: cannot open the database: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     try:
+        # Agents' LLM keys are decrypted with the secret the configurator encrypted them with (SECRET_KEY
+        # or the one in DATA_DIR): resolve it now, so a missing or unsafe secret stops the start, not a reply.
+        check_key()
+    except SecretBoxError as exc:
+        print(f"replier: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    try:
         import uvloop  # noqa: F401
 
         loop = "uvloop"
@@ -86,6 +94,11 @@ def main() -> int:
         loop=loop,
         http=http,
         ws=settings.ws_impl,
+        ws_max_size=http_buffer_limit(settings),  # a larger frame is refused (1009) before it is buffered
+        # X-Forwarded-For decides the client address (and so the per-address limit): trusted only from
+        # the proxies FORWARDED_ALLOW_IPS names. uvicorn's default trusts it from 127.0.0.1.
+        proxy_headers=settings.trusted_proxies is not None,
+        forwarded_allow_ips=settings.trusted_proxies,
         lifespan="on",
         log_level=settings.log_level.lower(),
         access_log=False,

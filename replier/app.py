@@ -1,4 +1,5 @@
-"""The ASGI application: Starlette routes (/health, /metrics) with python-socketio mounted at /ws."""
+"""The ASGI application: Starlette routes (/health, /metrics) with python-socketio mounted at /ws,
+behind `replier.edge` (body limits, handshake admission, frame checks)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ from starlette.routing import Route
 from isolation import db as isolation_db
 from isolation.migrate import check_schema, describe
 from replier.core.config import ReplierSettings, get_settings
+from replier.edge import Edge
+from replier.engine import GuardedServer
+from replier.frames import MalformedFrames
 from replier.metrics import Metrics
 from replier.pipeline import Replier
+from replier.sessions import SessionGuard
 from replier.store import Store
 from replier.transport import JsonPacket, OrjsonModule
 
@@ -31,18 +36,41 @@ def _ping_database() -> bool:
     return True
 
 
-def create_app(settings: ReplierSettings | None = None) -> socketio.ASGIApp:
+def http_buffer_limit(settings: ReplierSettings) -> int:
+    """The largest polling body or websocket frame accepted (Engine.IO's `max_http_buffer_size`)."""
+    return max(1_000_000, settings.max_payload_bytes * 4)
+
+
+def _library_logger(name: str) -> logging.Logger:
+    """The library's logger at ERROR, without the extra stream handler it adds when given `False`
+    (which printed every traceback twice: once there, once through the root handler)."""
+    logger = logging.getLogger(name)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
+    return logger
+
+
+def create_app(settings: ReplierSettings | None = None) -> Edge:
     """Build the app. The database is configured and checked in the lifespan (at start-up)."""
     settings = settings or get_settings()
     metrics = Metrics()
-    sio = socketio.AsyncServer(
+    guard = SessionGuard(
+        max_unauthenticated=settings.max_unauthenticated,
+        max_per_address=settings.max_connections_per_address,
+        auth_timeout=settings.auth_timeout_seconds,
+        metrics=metrics,
+    )
+    malformed = MalformedFrames(settings.malformed_log_seconds, metrics.malformed_frames)
+    sio = GuardedServer(
+        guard=guard,
+        malformed=malformed,
         async_mode="asgi",
         async_handlers=False,  # handlers only parse and enqueue; order per connection is kept
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
-        max_http_buffer_size=max(1_000_000, settings.max_payload_bytes * 4),
-        logger=False,
-        engineio_logger=False,
+        max_http_buffer_size=http_buffer_limit(settings),
+        logger=_library_logger("socketio.server"),
+        engineio_logger=_library_logger("engineio.server"),
         serializer=JsonPacket,
         json=OrjsonModule,
     )
@@ -61,6 +89,7 @@ def create_app(settings: ReplierSettings | None = None) -> socketio.ASGIApp:
                 "status": "ok" if status == 200 else "degraded",
                 "database": database,
                 "connections": len(replier.connections),
+                "unauthenticated": guard.unauthenticated,
                 "accepting": replier._accepting,
                 "db_batches": store.batches,
                 "db_jobs": store.jobs,
@@ -99,6 +128,7 @@ def create_app(settings: ReplierSettings | None = None) -> socketio.ASGIApp:
         try:
             yield
         finally:
+            malformed.flush()
             await replier.drain(settings.shutdown_grace_seconds)
             await replier.stop()
             await asyncio.to_thread(store.stop)
@@ -115,6 +145,15 @@ def create_app(settings: ReplierSettings | None = None) -> socketio.ASGIApp:
         lifespan=lifespan,
     )
     asgi = socketio.ASGIApp(sio, other_asgi_app=web, socketio_path=SOCKETIO_PATH)
-    asgi.replier = replier
-    asgi.settings = settings
-    return asgi
+    edge = Edge(
+        asgi,
+        path=SOCKETIO_PATH,
+        limit=sio.eio.max_http_buffer_size,
+        body_timeout=settings.http_body_timeout_seconds,
+        guard=guard,
+        malformed=malformed,
+        metrics=metrics,
+    )
+    edge.replier = replier
+    edge.settings = settings
+    return edge

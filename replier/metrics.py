@@ -25,6 +25,19 @@ class Metrics:
         )
         self.llm_requests = Counter("replier_llm_requests", "LLM calls", ["provider", "outcome"], registry=r)
         self.llm_errors = Counter("replier_llm_errors", "Failed LLM calls", ["provider"], registry=r)
+        self.edge_refused = Counter(
+            "replier_edge_refused",
+            "Requests refused and sessions closed before reaching Socket.IO (body size or time, malformed body,"
+            " too many unauthenticated sessions or per address, authentication timeout)",
+            ["reason"],
+            registry=r,
+        )
+        self.unauthenticated = Gauge(
+            "replier_unauthenticated_sessions", "Engine.IO sessions not (yet) authenticated", registry=r
+        )
+        self.malformed_frames = Counter(
+            "replier_malformed_frames", "Malformed Engine.IO / Socket.IO frames ignored", registry=r
+        )
         self.revoked_closed = Counter(
             "replier_revoked_connections_closed", "Connections closed after their key was revoked", registry=r
         )

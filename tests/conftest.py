@@ -6,7 +6,10 @@ unreachable server skips the tests with the reason locally and fails them when `
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +18,12 @@ from isolation import db as isolation_db
 from isolation.testing import PostgresUnavailable, ProvisionedDatabase, provision_database
 
 DB_KIND = os.environ.get("MAITENANT_TEST_DB", "sqlite")
+
+# Code and servers started without SECRET_KEY keep a generated secret in DATA_DIR (isolation/secret.py):
+# the session gets a private one (inherited by server subprocesses), never the repository's data/.
+_DATA_DIR = tempfile.mkdtemp(prefix="maitenant-data-")
+os.environ["DATA_DIR"] = _DATA_DIR
+atexit.register(shutil.rmtree, _DATA_DIR, True)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 The tenant of every request comes from the access token's `tid` *and* a membership row for
 (`tid`, `sub`) that still exists; nothing the client sends in a header, query or body chooses it.
+The same statement checks that the token's sign-in session (`sid`) was not logged out.
 
 `CurrentPrincipal` checks the token itself (signature, expiry, issuer, audience, type) without I/O, so
 it is an ``async def`` dependency. The membership row is read by `principal.session(...)`, which a
@@ -71,19 +72,22 @@ class TenantSession:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """What a valid access token claims: an account in a tenant (membership not yet checked)."""
+    """What a valid access token claims: an account in a tenant, signed in as session `session_id`
+    (membership and session not yet checked)."""
 
     account_id: str
     tenant_id: str
+    session_id: str
 
     @contextmanager
     def session(self, roles: tuple[str, ...] = ANY_ROLE, *, write: bool = False) -> Iterator[TenantSession]:
-        """Open the connection, check the membership (401 when gone) and the role (403), and yield.
+        """Open the connection, check the membership and the session (401 when gone or logged out)
+        and the role (403), and yield.
 
         Reads share one transaction on PostgreSQL (one tenant binding); `write=True` makes the whole
         body one write transaction (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing).
         """
-        if not (valid_id(self.account_id) and valid_id(self.tenant_id)):
+        if not (valid_id(self.account_id) and valid_id(self.tenant_id) and valid_id(self.session_id)):
             raise unauthorized("invalid token")
         ctx = IsolationContext(self.tenant_id)
         if write:
@@ -94,9 +98,12 @@ class Principal:
             transaction = nullcontext()
         with connection(), transaction:
             try:
-                role = Scoped(ctx).memberships.get(self.account_id)["role"]
+                membership = Scoped(ctx).memberships.get_with_session(self.account_id, self.session_id)
             except NotFound:
                 raise unauthorized("token no longer valid for this tenant") from None
+            if not membership["session_active"]:
+                raise unauthorized("session ended (signed out or revoked): sign in again")
+            role = membership["role"]
             if role not in roles:
                 raise forbidden(f"this needs the role {' or '.join(roles)} (you are {role})")
             yield TenantSession(self.account_id, role, ctx)
@@ -126,7 +133,7 @@ async def current_principal(
         claims = request.app.state.tokens.decode(credentials.credentials, ACCESS)
     except TokenError as exc:
         raise unauthorized(str(exc)) from None
-    return Principal(claims.account_id, claims.tenant_id)
+    return Principal(claims.account_id, claims.tenant_id, claims.session_id)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -1,7 +1,8 @@
 """Configurator settings (pydantic-settings: environment variables or `.env`).
 
 `SECRET_KEY` signs JWTs (and, through `isolation.crypto`, derives the key that encrypts agents' LLM
-provider keys). `ENVIRONMENT=production` refuses the development default secret at start-up.
+provider keys). Unset, the secret generated at first start in `DATA_DIR` is used (`isolation.secret`);
+the public development value of earlier versions and short keys are refused at start-up.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from isolation.config import get_database_settings
-from isolation.crypto import DEV_SECRET_KEY
+from isolation.secret import SecretSettings, UnsafeSecretError, check_secret_key, secret_from_data_dir
 
 API_PREFIX = "/api/v1"
 
@@ -27,7 +28,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     environment: Literal["development", "production"] = "development"
-    secret_key: str = Field(default=DEV_SECRET_KEY, min_length=16)
+    # Empty: the secret kept in DATA_DIR (generated at first start), the one the replier also uses.
+    secret_key: str = Field(default="", repr=False)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     # Empty means "the DATABASE_URL of isolation's settings" (sqlite:///data/maitenant.db by default).
@@ -40,11 +42,30 @@ class Settings(BaseSettings):
     access_token_minutes: int = Field(default=15, ge=1, le=24 * 60)
     refresh_token_days: int = Field(default=14, ge=1, le=365)
 
-    # Failed logins allowed per (username, client address) in a sliding window; further attempts get
-    # 429 with Retry-After. The counters live in this process only ("safe to lose": a restart or a
-    # second process just starts counting again). See configurator/core/ratelimit.py.
+    # Failed logins allowed per account (its username and email are one bucket; an unknown name is a
+    # bucket of its own) and, larger, per client address, in a sliding window; further attempts get
+    # 429 with Retry-After. Registrations are limited per client address. The counters live in this
+    # process only ("safe to lose": a restart or a second process just starts counting again). See
+    # configurator/core/ratelimit.py and docs/SECURITY.md.
     login_rate_limit: int = Field(default=5, ge=1, le=10_000)
     login_rate_window_seconds: int = Field(default=60, ge=1, le=86_400)
+    login_address_rate_limit: int = Field(default=20, ge=1, le=1_000_000)
+    register_rate_limit: int = Field(default=10, ge=1, le=1_000_000)
+    register_rate_window_seconds: int = Field(default=3600, ge=1, le=86_400)
+
+    # The client address is the TCP peer's. Only when this is set (comma-separated addresses or
+    # networks of the reverse proxies in front, or "*") are X-Forwarded-For/-Proto from those peers
+    # trusted; unset, the headers are ignored even from loopback (they would let anyone pick the
+    # address that the rate limits count).
+    forwarded_allow_ips: str | None = None
+
+    # New passwords: at least this long, not in the bundled list of common passwords, not the
+    # username or email (configurator/core/passwords.py).
+    password_min_length: int = Field(default=10, ge=8, le=256)
+    # Largest tenant `settings` and agent persona/config/llm, as compact JSON (UTF-8 bytes).
+    max_settings_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # /docs, /redoc and /openapi.json: served in development, off in production unless true.
+    docs_enabled: bool | None = None
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
 
@@ -67,15 +88,25 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _safe_for_environment(self) -> Settings:
-        if self.environment == "production":
-            if self.secret_key == DEV_SECRET_KEY:
-                raise UnsafeSettingsError(
-                    "ENVIRONMENT=production refuses the default SECRET_KEY: set SECRET_KEY to a long random "
-                    "value (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
-                )
-            if len(self.secret_key) < 32:
-                raise UnsafeSettingsError("ENVIRONMENT=production needs a SECRET_KEY of at least 32 characters")
+        try:
+            if self.secret_key:
+                check_secret_key(self.secret_key, self.environment)
+            else:
+                self.secret_key = secret_from_data_dir(SecretSettings().data_dir)
+        except UnsafeSecretError as exc:
+            raise UnsafeSettingsError(str(exc)) from None
         return self
+
+    @property
+    def docs_served(self) -> bool:
+        """Whether the interactive docs and the OpenAPI schema are served (DOCS_ENABLED, else not in production)."""
+        return self.docs_enabled if self.docs_enabled is not None else self.environment != "production"
+
+    @property
+    def trusted_proxies(self) -> str | None:
+        """FORWARDED_ALLOW_IPS when set to something (blank counts as unset)."""
+        value = (self.forwarded_allow_ips or "").strip()
+        return value or None
 
     @property
     def resolved_database_url(self) -> str:

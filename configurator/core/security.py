@@ -1,8 +1,11 @@
 """Passwords (Argon2id via pwdlib) and JWTs (PyJWT, HS256).
 
-Access and refresh tokens are both JWTs with `sub` (account id), `tid` (tenant id), `iat`, `exp`,
-`jti`, `iss`, `aud` and `typ`. They differ in audience and type, so one can never be used as the
-other. A refresh token's `jti` is stored (``refresh_tokens``) so logout and rotation can revoke it.
+Access and refresh tokens are both JWTs with `sub` (account id), `tid` (tenant id), `sid` (session
+id), `iat`, `exp`, `jti`, `iss`, `aud` and `typ`. They differ in audience and type, so one can never
+be used as the other. A refresh token's `jti` is stored (``refresh_tokens``) so logout and rotation
+can revoke it. The session id is created at sign-in, kept by every rotation and stored with each
+refresh token: an access token is accepted only while its session still has a live refresh token
+(checked with the membership, configurator/api/deps.py), so logout ends its access tokens at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from configurator.core.config import Settings
 ALGORITHM = "HS256"
 ACCESS = "access"
 REFRESH = "refresh"
-_REQUIRED_CLAIMS = ["sub", "tid", "iat", "exp", "jti", "iss", "aud", "typ"]
+_REQUIRED_CLAIMS = ["sub", "tid", "sid", "iat", "exp", "jti", "iss", "aud", "typ"]
+
+
+def new_session_id() -> str:
+    """A random id for one sign-in (login or registration), shared by all its tokens."""
+    return secrets.token_urlsafe(16)
 
 
 class TokenError(Exception):
@@ -38,6 +46,7 @@ class TokenClaims:
     tenant_id: str
     jti: str
     expires_at: datetime  # naive UTC, like every timestamp in the database
+    session_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +133,16 @@ class TokenService:
             REFRESH: timedelta(days=settings.refresh_token_days),
         }
 
-    def issue(self, kind: str, account_id: str, tenant_id: str, now: datetime | None = None) -> IssuedToken:
+    def issue(
+        self,
+        kind: str,
+        account_id: str,
+        tenant_id: str,
+        now: datetime | None = None,
+        *,
+        session_id: str | None = None,
+    ) -> IssuedToken:
+        """A signed token of the sign-in session `session_id` (a new session when None)."""
         now = now or datetime.now(UTC)
         lifetime = self._lifetimes[kind]
         expires = now + lifetime
@@ -132,6 +150,7 @@ class TokenService:
         claims = {
             "sub": account_id,
             "tid": tenant_id,
+            "sid": session_id or new_session_id(),
             "iat": int(now.timestamp()),
             "exp": int(expires.timestamp()),
             "jti": jti,
@@ -179,8 +198,8 @@ class TokenService:
             raise TokenError("invalid token") from exc
         if claims.get("typ") != kind:
             raise TokenError("wrong token type")
-        sub, tid, jti = claims.get("sub"), claims.get("tid"), claims.get("jti")
-        if not all(isinstance(v, str) and v for v in (sub, tid, jti)):
+        sub, tid, jti, sid = claims.get("sub"), claims.get("tid"), claims.get("jti"), claims.get("sid")
+        if not all(isinstance(v, str) and v for v in (sub, tid, jti, sid)):
             raise TokenError("invalid token")
         expires = datetime.fromtimestamp(int(claims["exp"]), UTC).replace(tzinfo=None)
-        return TokenClaims(sub, tid, jti, expires)
+        return TokenClaims(sub, tid, jti, expires, sid)

@@ -26,6 +26,16 @@ class ReplierSettings(BaseSettings):
     ping_interval: float = 25.0
     ping_timeout: float = 20.0
 
+    # Before authentication (see replier/edge.py and replier/sessions.py)
+    max_unauthenticated: int = Field(default=512, ge=1, description="sessions waiting to authenticate, all clients")
+    auth_timeout_seconds: float = Field(default=5.0, gt=0, description="to authenticate after the handshake")
+    max_connections_per_address: int = Field(default=256, ge=1, description="open sessions per client address")
+    http_body_timeout_seconds: float = Field(default=10.0, gt=0, description="to send a polling request body")
+    malformed_log_seconds: float = Field(default=60.0, gt=0, description="one warning per address per interval")
+    forwarded_allow_ips: str = Field(
+        default="", description="proxies whose X-Forwarded-For is trusted (uvicorn syntax); empty: none"
+    )
+
     # Input limits
     max_text_bytes: int = Field(default=16 * 1024, ge=1)
     max_payload_bytes: int = Field(default=64 * 1024, ge=1024)
@@ -53,6 +63,12 @@ class ReplierSettings(BaseSettings):
     gc_freeze: bool = True
     gil_switch_interval: float = Field(default=0.0005, gt=0, le=0.1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+    @property
+    def trusted_proxies(self) -> str | None:
+        """FORWARDED_ALLOW_IPS when set to something (blank counts as unset: no proxy headers)."""
+        value = self.forwarded_allow_ips.strip()
+        return value or None
 
 
 @lru_cache(maxsize=1)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from isolation.agent_config import LlmSettings, Persona
+from isolation.egress import EgressSettings, operator_key_allowed
 
 
 class LlmError(RuntimeError):
@@ -58,7 +59,8 @@ class Provider(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    """A resolved provider choice: `kind` is "openai" or "offline"."""
+    """A resolved provider choice: `kind` is "openai" or "offline". `trusted`: `base_url` is one of the
+    operator's own endpoints (exempt from the connect-time address check)."""
 
     kind: str
     model: str
@@ -67,6 +69,7 @@ class ProviderConfig:
     temperature: float = 0.7
     max_tokens: int = 512
     timeout: float = 30.0
+    trusted: bool = False
 
 
 def resolve_provider_config(
@@ -77,23 +80,29 @@ def resolve_provider_config(
     default_base_url: str = "",
     default_model: str = "",
     default_api_key: str = "",
+    egress: EgressSettings | None = None,
 ) -> ProviderConfig:
-    """An agent's settings with the global defaults filled in; nothing usable means offline."""
+    """An agent's settings with the global defaults filled in; nothing usable means offline.
+
+    The operator's key (`default_api_key`) is filled in only when the resolved base URL is one of the
+    operator's own endpoints (`default_base_url`, LLM_BASE_URL, LLM_OPERATOR_KEY_URLS): an agent with
+    its own URL uses its own key or none. Checked here at every use, not only when the agent is saved,
+    since rows saved before this rule may break it.
+    """
     kind = llm.provider
     base_url = str(llm.base_url).rstrip("/") if llm.base_url else None
     model = llm.model
     api_key = agent_api_key
     if kind == "default":
         kind = (default_provider or "offline").lower()
+    if llm.provider in ("default", "openai"):
         base_url = base_url or (default_base_url.rstrip("/") or None)
         model = model or default_model or None
-        api_key = api_key or default_api_key or None
-    elif kind == "openai":
-        base_url = base_url or (default_base_url.rstrip("/") or None)
-        model = model or default_model or None
-        api_key = api_key or default_api_key or None
     if kind != "openai" or not base_url or not model:
         return ProviderConfig("offline", "offline", temperature=llm.temperature, max_tokens=llm.max_tokens)
+    trusted = operator_key_allowed(base_url, policy=egress, also=[default_base_url])
+    if trusted:
+        api_key = api_key or default_api_key or None
     return ProviderConfig(
         "openai",
         model,
@@ -102,6 +111,7 @@ def resolve_provider_config(
         temperature=llm.temperature,
         max_tokens=llm.max_tokens,
         timeout=llm.timeout_seconds,
+        trusted=trusted,
     )
 
 

@@ -2,6 +2,11 @@
 
 Timeout per request, bounded retries with exponential backoff on timeouts, connection errors, 429 and
 5xx, and a semaphore limiting concurrent calls per provider.
+
+Egress: a base URL that fails `isolation.egress.check_base_url` is never called, redirects are never
+followed, and unless the provider is `trusted` (the operator's own endpoint) every connection goes
+through the connect-time address check of `replier.llm.guard`. A refused destination is an `LlmError`
+at once (no retry) and is not logged here: the caller logs the failed call once.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import logging
 
 import httpx
 
+from isolation.egress import EgressRefused, EgressSettings, check_base_url, get_egress_settings, operator_key_allowed
 from replier.llm.base import ChatMessage, LlmError, LlmRequest, LlmResult
+from replier.llm.guard import Resolver, guarded_transport
 
 log = logging.getLogger("replier.llm.openai")
 
@@ -37,18 +44,34 @@ class OpenAIProvider:
         backoff: float = 0.25,
         concurrency: int = 16,
         client: httpx.AsyncClient | None = None,
+        trusted: bool | None = None,
+        egress: EgressSettings | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
+        """`trusted`: the operator's own endpoint, exempt from the address check (default: whether
+        `base_url` is one of the operator's URLs in `egress`); `resolver` replaces the system resolver
+        of the connect-time check (tests)."""
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
         self._semaphore = asyncio.Semaphore(concurrency)
+        policy = egress or get_egress_settings()
+        try:
+            check_base_url(self.base_url)
+            self.refused: str | None = None
+        except EgressRefused as exc:
+            self.refused = str(exc)
+        self.trusted = operator_key_allowed(self.base_url, policy=policy) if trusted is None else trusted
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._client = client or httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            limits=limits,
+            follow_redirects=False,
+            transport=None if self.trusted else guarded_transport(policy, limits=limits, resolver=resolver),
         )
 
     async def complete(self, request: LlmRequest) -> LlmResult:
@@ -86,6 +109,8 @@ class OpenAIProvider:
         return line[:300]
 
     async def _post(self, body: dict, timeout: float) -> dict:
+        if self.refused is not None:
+            raise LlmError(f"destination refused: {self.refused}")
         url = f"{self.base_url}/chat/completions"
         last_error = "no attempt made"
         for attempt in range(self.max_retries + 1):
@@ -94,6 +119,8 @@ class OpenAIProvider:
             try:
                 async with self._semaphore:
                     response = await self._client.post(url, json=body, timeout=timeout)
+            except EgressRefused as exc:
+                raise LlmError(f"destination refused: {exc}") from None
             except httpx.TimeoutException:
                 last_error = f"timeout after {timeout:g}s"
                 continue
@@ -105,6 +132,9 @@ class OpenAIProvider:
                     return response.json()
                 except ValueError:
                     raise LlmError("completion response is not JSON") from None
+            if response.is_redirect:  # never followed: it could point anywhere, with our key attached
+                last_error = f"HTTP {response.status_code}: redirects are not followed"
+                break
             last_error = f"HTTP {response.status_code}: {response.text[:200]}"
             if response.status_code not in _RETRY_STATUS:
                 break

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
+from isolation.egress import EgressSettings
 from replier.llm.base import ProviderConfig
+from replier.llm.guard import Resolver
 from replier.llm.offline import OfflineProvider
 from replier.llm.openai import OpenAIProvider
 
@@ -19,8 +21,12 @@ def make_provider(
     max_retries: int = 2,
     backoff: float = 0.25,
     concurrency: int = 16,
+    trusted: bool | None = None,
+    egress: EgressSettings | None = None,
+    resolver: Resolver | None = None,
 ):
-    """A provider by kind ("openai" or "offline")."""
+    """A provider by kind ("openai" or "offline"); see `OpenAIProvider` for `trusted`, `egress` and
+    `resolver`."""
     if kind == "offline":
         return OfflineProvider()
     if kind == "openai":
@@ -34,23 +40,37 @@ def make_provider(
             max_retries=max_retries,
             backoff=backoff,
             concurrency=concurrency,
+            trusted=trusted,
+            egress=egress,
+            resolver=resolver,
         )
     raise ValueError(f"unknown provider {kind!r}")
 
 
 class ProviderRegistry:
-    def __init__(self, *, max_retries: int = 2, backoff: float = 0.25, concurrency: int = 16) -> None:
+    def __init__(
+        self,
+        *,
+        max_retries: int = 2,
+        backoff: float = 0.25,
+        concurrency: int = 16,
+        egress: EgressSettings | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        """`egress` (default: the environment's) and `resolver` go to every provider's egress check."""
         self.max_retries = max_retries
         self.backoff = backoff
         self.concurrency = concurrency
+        self.egress = egress
+        self.resolver = resolver
         self.offline = OfflineProvider()
-        self._providers: dict[tuple[str, str], OpenAIProvider] = {}
+        self._providers: dict[tuple[str, str, bool], OpenAIProvider] = {}
 
     def get(self, config: ProviderConfig):
         if config.kind != "openai":
             return self.offline
         key_hash = hashlib.sha256((config.api_key or "").encode()).hexdigest()
-        key = (config.base_url or "", key_hash)
+        key = (config.base_url or "", key_hash, config.trusted)
         provider = self._providers.get(key)
         if provider is None:
             provider = make_provider(
@@ -62,6 +82,9 @@ class ProviderRegistry:
                 max_retries=self.max_retries,
                 backoff=self.backoff,
                 concurrency=self.concurrency,
+                trusted=config.trusted,
+                egress=self.egress,
+                resolver=self.resolver,
             )
             self._providers[key] = provider
         return provider

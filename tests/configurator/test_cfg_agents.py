@@ -122,7 +122,10 @@ def test_llm_api_key_is_write_only_and_encrypted(client, owner):
         assert provider_key not in response.text and "llm_secret" not in response.text
     kept = client.get(f"/api/v1/agents/{agent['id']}", headers=owner.headers).json()
     assert kept["has_api_key"] is True and kept["llm"]["temperature"] == 0.2 and kept["llm"]["model"] == "gpt-x"
-    cleared = client.patch(f"/api/v1/agents/{agent['id']}", json={"llm": {"api_key": None}}, headers=owner.headers)
+    # the key goes with the agent's own URL: without a key of its own the agent uses the operator's endpoint
+    clear = {"llm": {"api_key": None, "base_url": None}}
+    cleared = client.patch(f"/api/v1/agents/{agent['id']}", json=clear, headers=owner.headers)
+    assert cleared.status_code == 200, cleared.text
     assert cleared.json()["has_api_key"] is False
     assert Scoped(owner.ctx).agents.llm_secret(agent["id"]) is None
     listed = client.get("/api/v1/agents", headers=owner.headers).json()["items"]

@@ -164,11 +164,16 @@ def test_logout_with_garbage_is_401(client):
     _error(client.post("/api/v1/auth/logout", json={"refresh_token": "x.y.z"}), 401, "unauthorized")
 
 
+def _session_of(user: User) -> str:
+    return jwt.decode(user.access_token, options={"verify_signature": False})["sid"]
+
+
 def _forge(user: User, kind: str = ACCESS, *, key: str = TEST_SECRET, **changes) -> str:
     now = datetime.now(UTC)
     claims = {
         "sub": user.account_id,
         "tid": user.tenant_id,
+        "sid": _session_of(user),
         "iat": int(now.timestamp()),
         "exp": int((now + timedelta(minutes=5)).timestamp()),
         "jti": "forged",
@@ -200,6 +205,8 @@ def test_forged_token_with_the_right_key_works(client):
         "wrong-key",
         "no-tid",
         "no-exp",
+        "no-sid",
+        "other-sid",
         "wrong-typ",
         "alg-none",
         "foreign-tenant",
@@ -218,6 +225,8 @@ def test_bad_tokens_are_401_with_www_authenticate(client, case):
         "wrong-key": {"Authorization": f"Bearer {_forge(user, key='another-secret-key-of-sufficient-length!!')}"},
         "no-tid": {"Authorization": f"Bearer {_forge(user, tid=None)}"},
         "no-exp": {"Authorization": f"Bearer {_forge(user, exp=None)}"},
+        "no-sid": {"Authorization": f"Bearer {_forge(user, sid=None)}"},
+        "other-sid": {"Authorization": f"Bearer {_forge(user, sid='never-signed-in')}"},
         "wrong-typ": {"Authorization": f"Bearer {_forge(user, typ=REFRESH)}"},
         "alg-none": {"Authorization": "Bearer " + jwt.encode({"sub": user.account_id}, None, algorithm="none")},
         "foreign-tenant": {"Authorization": f"Bearer {_forge(user, tid=register(client).tenant_id)}"},

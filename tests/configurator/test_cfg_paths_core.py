@@ -131,11 +131,13 @@ def _signed(settings, **overrides) -> str:
         "iat": int(now.timestamp()),
         "exp": int((now + timedelta(minutes=5)).timestamp()),
         "jti": "jti_x",
+        "sid": "sid_x",
         "iss": settings.jwt_issuer,
         "aud": settings.jwt_audience,
         "typ": ACCESS,
     }
     claims.update(overrides)
+    claims = {k: v for k, v in claims.items() if v is not None}
     return jwt.encode(claims, settings.secret_key, algorithm=ALGORITHM)
 
 
@@ -144,8 +146,9 @@ def test_empty_oversized_and_incomplete_tokens_are_refused(settings):
     for malformed in ("", "x" * 4097):
         with pytest.raises(TokenError, match="malformed"):
             tokens.decode(malformed, ACCESS)
-    assert tokens.decode(_signed(settings), ACCESS).tenant_id == "ten_x"
-    for bad in ({"tid": ""}, {"tid": 42}, {"sub": ""}):
+    claims = tokens.decode(_signed(settings), ACCESS)
+    assert (claims.tenant_id, claims.session_id) == ("ten_x", "sid_x")
+    for bad in ({"tid": ""}, {"tid": 42}, {"sub": ""}, {"sid": ""}, {"sid": 7}, {"sid": None}):
         with pytest.raises(TokenError, match="invalid token"):
             tokens.decode(_signed(settings, **bad), ACCESS)
 

@@ -1,12 +1,15 @@
-"""Settings and start-up checks: production refuses the default secret; unknown schemas refuse to start."""
+"""Settings and start-up checks: no public or short secret (a generated one by default); unknown schemas
+refuse to start."""
 
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import tempfile
 
+import jwt as pyjwt
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -14,26 +17,55 @@ from pydantic import ValidationError
 from configurator.core.config import Settings
 from configurator.core.db import init_database
 from configurator.core.ratelimit import SlidingWindowLimiter
+from configurator.core.security import ACCESS, ALGORITHM, TokenError, TokenService
 from configurator.main import create_app
-from isolation.crypto import DEV_SECRET_KEY
 from isolation.errors import SchemaVersionError
 
+PUBLIC_DEV_SECRET = "maitenant-development-secret-change-me"  # the default of earlier versions
 
-def test_production_refuses_the_default_secret():
-    with pytest.raises(ValidationError, match="refuses the default SECRET_KEY"):
-        Settings(environment="production", secret_key=DEV_SECRET_KEY)
+
+def test_the_public_development_secret_and_short_keys_are_refused():
+    for environment in ("development", "production"):
+        with pytest.raises(ValidationError, match="public development value"):
+            Settings(environment=environment, secret_key=PUBLIC_DEV_SECRET)
     with pytest.raises(ValidationError, match="at least 32"):
         Settings(environment="production", secret_key="short-but-not-default")
+    with pytest.raises(ValidationError, match="at least 16"):
+        Settings(environment="development", secret_key="short")
     ok = Settings(environment="production", secret_key="p" * 40)
-    assert ok.environment == "production"
-    assert Settings(environment="development").secret_key == DEV_SECRET_KEY
+    assert ok.environment == "production" and ok.secret_key == "p" * 40
+    assert "p" * 40 not in repr(ok)
 
 
-def test_main_prints_a_clear_error_for_production_default_secret():
-    env = {**os.environ, "ENVIRONMENT": "production", "SECRET_KEY": DEV_SECRET_KEY, "PORT": "0"}
+def test_without_secret_key_the_generated_secret_of_data_dir_signs(tmp_path, monkeypatch):
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    for environment in ("development", "production"):
+        settings = Settings(environment=environment)
+        assert settings.secret_key == (tmp_path / "data" / "secret_key").read_text().strip()
+    assert stat.S_IMODE((tmp_path / "data" / "secret_key").stat().st_mode) == 0o600
+    # A token signed with the public value of earlier versions is refused by a default install.
+    tokens = TokenService(settings)
+    claims = pyjwt.decode(tokens.issue(ACCESS, "acc_x", "ten_x").token, options={"verify_signature": False})
+    with pytest.raises(TokenError, match="invalid token"):
+        tokens.decode(pyjwt.encode(claims, PUBLIC_DEV_SECRET, algorithm=ALGORITHM), ACCESS)
+    assert tokens.decode(pyjwt.encode(claims, settings.secret_key, algorithm=ALGORITHM), ACCESS).tenant_id == "ten_x"
+    (tmp_path / "data" / "secret_key").chmod(0o644)
+    with pytest.raises(ValidationError, match="others may read it"):
+        Settings()
+
+
+def test_main_prints_a_clear_error_for_an_unusable_secret(tmp_path):
+    env = {**os.environ, "ENVIRONMENT": "production", "SECRET_KEY": PUBLIC_DEV_SECRET, "PORT": "0"}
     result = subprocess.run([sys.executable, "-m", "configurator"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "refuses the default SECRET_KEY" in result.stderr
+    assert "configurator: invalid settings" in result.stderr and "public development value" in result.stderr
+    (tmp_path / "secret_key").write_text("w" * 64)
+    (tmp_path / "secret_key").chmod(0o604)
+    env = {k: v for k, v in env.items() if k not in ("SECRET_KEY", "ENVIRONMENT")} | {"DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "configurator"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "has mode 0604: others may read it" in result.stderr and "w" * 64 not in result.stderr
 
 
 def _empty_sqlite_url() -> str:

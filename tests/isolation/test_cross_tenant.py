@@ -34,7 +34,7 @@ def a_and_b(db):
     message, _ = Scoped(full_a).messages.add(message_id="m1", direction="in", text="hi", segments=[])
     memory = Scoped(full_a).memories.add("secret of A", level="chat")
     usage = Scoped(full_a).llm_usage.record(provider="offline", model="offline", outcome="offline")
-    scoped_a.refresh_tokens.issue("jti_a", account_a, utcnow() + timedelta(days=1))
+    scoped_a.refresh_tokens.issue("jti_a", account_a, utcnow() + timedelta(days=1), session_id="sid_a")
     ids = {
         "tenant": tenant_a,
         "agent": agents_a[0],
@@ -46,6 +46,7 @@ def a_and_b(db):
         "memory": memory["id"],
         "usage": usage["id"],
         "jti": "jti_a",
+        "sid": "sid_a",
     }
     return ids, tenant_b, agents_b[0], account_b
 
@@ -53,6 +54,7 @@ def a_and_b(db):
 # (manager, method) -> how to call it with B's scoped object and A's ids. Each must raise NotFound.
 CALLS = {
     ("memberships", "get"): lambda s, a: s.memberships.get(a["account"]),
+    ("memberships", "get_with_session"): lambda s, a: s.memberships.get_with_session(a["account"], a["sid"]),
     ("memberships", "delete"): lambda s, a: s.memberships.delete(a["account"]),
     ("memberships", "set_role"): lambda s, a: s.memberships.set_role(a["account"], "member"),
     ("refresh_tokens", "get"): lambda s, a: s.refresh_tokens.get(a["jti"]),
@@ -87,6 +89,7 @@ CALLS = {
 QUIET = {
     ("refresh_tokens", "is_active"): (lambda s, a: s.refresh_tokens.is_active(a["jti"], a["account"]), False),
     ("refresh_tokens", "revoke_all"): (lambda s, a: s.refresh_tokens.revoke_all(a["account"]), 0),
+    ("refresh_tokens", "revoke_session"): (lambda s, a: s.refresh_tokens.revoke_session(a["sid"]), 0),
     ("api_keys", "statuses"): (lambda s, a: s.api_keys.statuses([a["key"]]), {}),
     ("api_keys", "record_use"): (lambda s, a: s.api_keys.record_use(a["key"]), None),
     ("api_keys", "list"): (lambda s, a: s.api_keys.list(agent_id=a["agent"]), []),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import secrets
 import shutil
@@ -9,7 +11,7 @@ import socket
 
 import psycopg
 import pytest
-from cryptography.fernet import Fernet
+from cryptography.fernet import Fernet, InvalidToken
 from peewee import SqliteDatabase
 from playhouse.pool import PooledPostgresqlDatabase
 from psycopg import sql
@@ -30,6 +32,7 @@ from isolation.testing import (
 from tests.conftest import DB_KIND
 from tests.isolation.conftest import make_tenant
 
+PUBLIC_DEV_SECRET = "maitenant-development-secret-change-me"  # the default of earlier versions
 needs_postgres = pytest.mark.skipif(DB_KIND != "postgresql", reason="needs the PostgreSQL leg")
 
 
@@ -76,20 +79,36 @@ def test_an_explicit_encryption_key_is_used_and_a_wrong_key_cannot_decrypt(fresh
         crypto.decrypt_secret(token)
 
 
-def test_production_refuses_the_development_secret(fresh_secrets):
-    fresh_secrets.setenv("ENVIRONMENT", "production")
-    with pytest.raises(crypto.SecretBoxError, match="production"):
-        crypto.encrypt_secret("x")
+def test_the_public_development_secret_is_refused_and_the_data_dir_secret_is_used(fresh_secrets, tmp_path):
+    for environment in ("development", "production"):
+        fresh_secrets.setenv("ENVIRONMENT", environment)
+        fresh_secrets.setenv("SECRET_KEY", PUBLIC_DEV_SECRET)
+        crypto.reset_cache()
+        with pytest.raises(crypto.SecretBoxError, match="public development value"):
+            crypto.encrypt_secret("x")
+    # No SECRET_KEY (production too): the secret generated in DATA_DIR derives the key.
+    fresh_secrets.delenv("SECRET_KEY")
+    fresh_secrets.setenv("DATA_DIR", str(tmp_path))
+    crypto.reset_cache()
+    crypto.check_key()
+    token = crypto.encrypt_secret("sk-provider-key")
+    assert crypto.decrypt_secret(token) == "sk-provider-key"
+    assert (tmp_path / "secret_key").exists()
+    # The key of the old public default cannot read it, nor can one derived from another SECRET_KEY.
+    public = hashlib.sha256(b"maitenant-fernet\x00" + PUBLIC_DEV_SECRET.encode()).digest()
+    with pytest.raises(InvalidToken):
+        Fernet(base64.urlsafe_b64encode(public)).decrypt(token.encode())
     fresh_secrets.setenv("SECRET_KEY", "a-real-production-secret-of-enough-length")
     crypto.reset_cache()
-    token = crypto.encrypt_secret("x")
-    assert crypto.decrypt_secret(token) == "x"
-    # A key derived from another SECRET_KEY (e.g. the development default) cannot read it.
-    fresh_secrets.setenv("ENVIRONMENT", "development")
-    fresh_secrets.delenv("SECRET_KEY")
-    crypto.reset_cache()
-    with pytest.raises(crypto.SecretBoxError):
+    with pytest.raises(crypto.SecretBoxError, match="cannot be decrypted"):
         crypto.decrypt_secret(token)
+
+
+def test_an_invalid_encryption_key_is_refused_without_echoing_it(fresh_secrets):
+    fresh_secrets.setenv("MAITENANT_ENCRYPTION_KEY", "not-a-fernet-key-but-secret")
+    with pytest.raises(crypto.SecretBoxError, match="not a valid Fernet key") as refused:
+        crypto.check_key()
+    assert "not-a-fernet-key-but-secret" not in str(refused.value)
 
 
 # -- agent config -------------------------------------------------------------------------------

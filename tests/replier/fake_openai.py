@@ -7,9 +7,11 @@ Behaviour is chosen by the requested model name:
 * `fake-delay`: answers like `fake-echo` after one second (a reply in flight at shutdown);
 * `fake-nomemory`: answers like `fake-echo`, but memory-extraction requests get HTTP 500;
 * `fake-malformed` / `fake-empty` / `fake-notjson` / `fake-400`: a response without choices, an
-  empty reply, a 200 that is not JSON, and a non-retryable HTTP 400.
+  empty reply, a 200 that is not JSON, and a non-retryable HTTP 400;
+* `fake-redirect`: HTTP 302 to `/v1/redirected` on this server (which records every hit in `redirected`).
 Memory-extraction requests (system prompt asks to "extract one short fact") get "NONE" unless the
-user said "my name is X". Every request body is recorded in `requests` for assertions.
+user said "my name is X". Every request body is recorded in `requests`, and its Authorization header
+(None when absent) in `authorizations`, for assertions.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from starlette.routing import Route
 class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        self.authorizations: list[str | None] = []
+        self.redirected: list[str] = []
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self._server: uvicorn.Server | None = None
@@ -38,8 +42,11 @@ class FakeOpenAI:
     async def _completions(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append(body)
+        self.authorizations.append(request.headers.get("authorization"))
         model = body.get("model", "")
         messages = body.get("messages", [])
+        if model == "fake-redirect":
+            return Response(status_code=302, headers={"Location": f"{self.base_url}/redirected"})
         if model == "fake-500":
             return JSONResponse({"error": {"message": "fake upstream failure"}}, status_code=500)
         if model == "fake-400":
@@ -74,8 +81,17 @@ class FakeOpenAI:
             }
         )
 
+    async def _redirected(self, request: Request) -> Response:
+        self.redirected.append(request.headers.get("authorization") or "")
+        return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": "followed"}}]})
+
     def start(self) -> FakeOpenAI:
-        app = Starlette(routes=[Route("/v1/chat/completions", self._completions, methods=["POST"])])
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._completions, methods=["POST"]),
+                Route("/v1/redirected", self._redirected, methods=["GET", "POST"]),
+            ]
+        )
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="fake-openai", daemon=True)

@@ -50,6 +50,9 @@ class ReplierProcess:
             SHUTDOWN_GRACE_SECONDS="5",
             AGENT_CACHE_SECONDS="0",
             LLM_PROVIDER="",
+            # The fake LLM (tests/replier/fake_openai.py) listens on loopback, which agents' URLs may
+            # only reach when the operator allows it (isolation/egress.py).
+            LLM_ALLOWED_HOSTS="127.0.0.1",
         )
         if app_role:
             self.env["DATABASE_APP_ROLE"] = app_role

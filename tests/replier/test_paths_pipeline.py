@@ -16,6 +16,7 @@ from replier_support import make_tenant, wait_for
 
 from isolation import IsolationContext, Scoped
 from isolation.cleanup import delete_agent_history
+from isolation.egress import EgressSettings
 from replier import pipeline
 from replier.connections import Connection, new_connection_id
 from replier.core.config import ReplierSettings
@@ -43,6 +44,7 @@ async def _replier(**overrides):
     store = Store(workers=1, batch_max=64, checkpoint_seconds=0)
     store.start()
     replier = Replier(_settings(**overrides), socketio.AsyncServer(async_mode="asgi"), Metrics(), store)
+    replier.providers.egress = EgressSettings(llm_allowed_hosts="127.0.0.1")  # the fake LLM listens there
     try:
         yield replier
     finally:

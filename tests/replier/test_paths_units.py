@@ -13,6 +13,7 @@ from replier_support import api_message, free_port, legacy_message, make_tenant
 from isolation import IsolationContext, Scoped
 from isolation import db as isolation_db
 from isolation.agent_config import AgentConfig, LlmSettings, Persona
+from isolation.egress import EgressSettings
 from isolation.ids import utcnow
 from isolation.models import ChatStream
 from replier import db_jobs
@@ -212,7 +213,8 @@ def test_make_provider_kinds():
 # -- openai provider against the local double ------------------------------------------------------
 def _complete(base_url: str, model: str, retries: int = 0):
     async def go():
-        provider = OpenAIProvider(base_url, model=model, max_retries=retries, backoff=0.01, timeout=5)
+        loopback = EgressSettings(llm_allowed_hosts="127.0.0.1")  # the fake LLM listens there
+        provider = OpenAIProvider(base_url, model=model, max_retries=retries, backoff=0.01, timeout=5, egress=loopback)
         try:
             return await provider.complete(LlmRequest(messages=[], user_text="hi"))
         finally:

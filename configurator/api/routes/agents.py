@@ -3,25 +3,33 @@
 Creating from a template starts from the template's persona and config; fields given in the request
 override them. Every update bumps the agent's `version` (the replier reloads on a new version). The
 LLM provider key (`llm.api_key`) is write-only: stored encrypted, reported only as `has_api_key`.
+
+`llm.base_url` is checked against the egress policy (`isolation.egress`): http(s) with no user info,
+query or fragment, not a literal non-public IP, and an agent with its own URL brings its own key (the
+operator's key only goes to the operator's endpoints). PATCH checks the merged result.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from pydantic import ValidationError
 
-from configurator.api.deps import ADMIN, AgentId, CurrentPrincipal, PageDep
+from configurator.api.deps import ADMIN, AgentId, CurrentPrincipal, PageDep, SettingsDep
 from configurator.core.errors import ApiError, responses
 from configurator.core.responses import FastJSONResponse
+from configurator.core.sizes import check_json_sizes
 from configurator.schemas import AgentCreate, AgentOut, AgentUpdate, DeletedCounts, LlmInput, Page
 from isolation import NotFound, system
 from isolation.agent_config import AgentConfig, LlmSettings, Persona
 from isolation.crypto import encrypt_secret
+from isolation.egress import EgressSettings, check_agent_llm, get_egress_settings
 
 router = APIRouter(prefix="/agents", tags=["agents"])
+
+EgressDep = Annotated[EgressSettings, Depends(get_egress_settings)]
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:
@@ -50,12 +58,21 @@ def _llm_overlay(llm: LlmInput | None) -> dict:
     return {k: v for k, v in _given(llm).items() if k != "api_key"}
 
 
+def _check_egress(llm: dict, has_key: bool, egress: EgressSettings) -> None:
+    """422 when the (merged) LLM settings could send a request or the operator's key where they must not."""
+    problem = check_agent_llm(llm.get("base_url"), llm.get("provider", "default"), has_key, policy=egress)
+    if problem is not None:
+        field, message = problem
+        details = [{"loc": ["body", "llm", field], "msg": message, "type": "value_error"}]
+        raise ApiError(422, "validation_error", message, details)
+
+
 def agent_out(row: dict, has_api_key: bool) -> dict:
     return {**row, "has_api_key": has_api_key}
 
 
 @router.post("", status_code=201, response_model=AgentOut, responses=responses(401, 403, 409, 413, 422))
-def create_agent(principal: CurrentPrincipal, body: AgentCreate) -> dict:
+def create_agent(principal: CurrentPrincipal, body: AgentCreate, egress: EgressDep, settings: SettingsDep) -> dict:
     template: dict[str, Any] | None = None
     with principal.session(ADMIN, write=True) as session:
         if body.template_id is not None:
@@ -69,6 +86,8 @@ def create_agent(principal: CurrentPrincipal, body: AgentCreate) -> dict:
         config = _validated(AgentConfig, template["config"] if template else {}, _given(body.config), "config")
         llm = _validated(LlmSettings, {}, _llm_overlay(body.llm), "llm")
         api_key = body.llm.api_key if body.llm is not None else None
+        _check_egress(llm, api_key is not None, egress)
+        check_json_sizes(settings.max_settings_bytes, persona=persona, config=config, llm=llm)
         row = session.scoped.agents.create(
             name=body.name,
             description=body.description,
@@ -106,7 +125,9 @@ def get_agent(principal: CurrentPrincipal, agent_id: AgentId) -> dict:
 
 
 @router.patch("/{agent_id}", response_model=AgentOut, responses=responses(401, 403, 404, 409, 413, 422))
-def update_agent(principal: CurrentPrincipal, agent_id: AgentId, body: AgentUpdate) -> dict:
+def update_agent(
+    principal: CurrentPrincipal, agent_id: AgentId, body: AgentUpdate, egress: EgressDep, settings: SettingsDep
+) -> dict:
     with principal.session(ADMIN, write=True) as session:
         agents = session.scoped.agents
         current = agents.get(agent_id)
@@ -123,6 +144,12 @@ def update_agent(principal: CurrentPrincipal, agent_id: AgentId, body: AgentUpda
             fields["llm"] = _validated(LlmSettings, current["llm"], _llm_overlay(body.llm), "llm")
             if "api_key" in body.llm.model_fields_set:
                 fields["llm_secret"] = encrypt_secret(body.llm.api_key) if body.llm.api_key else None
+                has_key = body.llm.api_key is not None
+            else:
+                has_key = agents.llm_secret(agent_id) is not None
+            _check_egress(fields["llm"], has_key, egress)
+        sections = {k: fields[k] for k in ("persona", "config", "llm") if k in fields}
+        check_json_sizes(settings.max_settings_bytes, **sections)
         row = agents.update(agent_id, **fields) if fields else current
         has_key = agents.llm_secret(agent_id) is not None
     return agent_out(row, has_key)

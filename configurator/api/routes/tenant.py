@@ -1,11 +1,15 @@
-"""The caller's tenant: read, rename/configure (owner/admin), stats, delete (owner)."""
+"""The caller's tenant: read, rename/configure (owner/admin), stats, delete (owner).
+
+`settings` is free-form JSON, held to `MAX_SETTINGS_BYTES` (configurator/core/sizes.py).
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from configurator.api.deps import ADMIN, OWNER, CurrentPrincipal
+from configurator.api.deps import ADMIN, OWNER, CurrentPrincipal, SettingsDep
 from configurator.core.errors import responses
+from configurator.core.sizes import check_json_sizes
 from configurator.schemas import DeletedCounts, TenantOut, TenantStats, TenantUpdate
 from isolation.cleanup import delete_tenant
 
@@ -19,7 +23,9 @@ def get_tenant(principal: CurrentPrincipal) -> dict:
 
 
 @router.patch("", response_model=TenantOut, responses=responses(401, 403, 413, 422))
-def update_tenant(principal: CurrentPrincipal, body: TenantUpdate) -> dict:
+def update_tenant(principal: CurrentPrincipal, body: TenantUpdate, settings: SettingsDep) -> dict:
+    if body.settings is not None:
+        check_json_sizes(settings.max_settings_bytes, settings=body.settings)
     with principal.session(ADMIN, write=True) as session:
         return session.scoped.tenant.update(name=body.name, settings=body.settings)
 

@@ -1,0 +1,152 @@
+"""python-socketio / python-engineio servers with the session guard wired in and two upstream bugs fixed.
+
+Upstream bug (python-engineio 4.15.1, with python-socketio 5.18.1): `AsyncServer.disconnect(sid)`
+awaits `AsyncSocket.close(wait=True)`, which is `queue.join()` on the session's outgoing queue: it
+returns only once a client has fetched every queued packet. `handle_request` calls it when a polling
+POST fails with an `EngineIOError` (`ContentTooLongError` for a declared Content-Length above
+`max_http_buffer_size`, `UnknownPacketError` for an OPEN packet in the body), and that client is not
+polling: the request never gets an answer. uvicorn stops reading a request body it has buffered 64 KiB
+of, so it never sees the client leave either: each such request kept a socket and its file descriptor
+for good (100 requests: 100 fds and 14 MB), until the process ran out of descriptors and refused every
+client and /health. `NonBlockingEngineServer.disconnect` closes without waiting (the CLOSE packet stays
+queued for a poll that may come); `replier.edge` also refuses oversized and malformed bodies before
+Engine.IO sees them.
+
+Malformed Socket.IO packets are dropped and counted (`replier.frames`) instead of raising inside
+upstream's dispatch, where each one became an ERROR traceback.
+"""
+
+from __future__ import annotations
+
+import engineio
+import socketio
+from socketio import packet as sio_packet
+
+from replier.frames import DECODE_ERRORS, MalformedFrames, socketio_packet_problem
+from replier.sessions import SessionGuard
+
+SESSION_KEY = "replier.session"  # the edge's Session for a handshake, in the ASGI scope
+NAMESPACE = "/"
+_BINARY = (sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK)
+
+
+class NonBlockingEngineServer(engineio.AsyncServer):
+    async def disconnect(self, sid: str | None = None) -> None:
+        """Close one session (or all) without waiting for its client to collect the CLOSE packet."""
+        for key in [sid] if sid is not None else list(self.sockets):
+            await self.close_session(key)
+
+    async def close_session(self, sid: str) -> None:
+        socket = self.sockets.get(sid)
+        if socket is None:
+            return
+        try:
+            if not socket.closed and not socket.closing:
+                await socket.close(wait=False, abort=False, reason=self.reason.SERVER_DISCONNECT)
+        finally:
+            self.sockets.pop(sid, None)
+            socket.queue.put_nowait(None)  # ends a websocket's writer and a pending poll after the CLOSE
+
+
+class GuardedServer(socketio.AsyncServer):
+    """Tells the `SessionGuard` when Engine.IO sessions open, authenticate and close."""
+
+    def __init__(self, *, guard: SessionGuard, malformed: MalformedFrames, **kwargs) -> None:
+        self.guard = guard
+        self.malformed = malformed
+        super().__init__(**kwargs)
+        guard.close_engine_session = self.eio.close_session
+
+    def _engineio_server_class(self):
+        return NonBlockingEngineServer
+
+    async def _handle_eio_connect(self, eio_sid, environ):
+        session = environ.get("asgi.scope", {}).get(SESSION_KEY)
+        if session is not None:
+            self.guard.bind(session, eio_sid)
+        return await super()._handle_eio_connect(eio_sid, environ)
+
+    async def _handle_eio_disconnect(self, eio_sid, reason):
+        try:
+            await super()._handle_eio_disconnect(eio_sid, reason)
+        finally:
+            self.guard.release_sid(eio_sid)
+
+    async def _handle_connect(self, eio_sid, namespace, data):
+        await super()._handle_connect(eio_sid, namespace, data)
+        if not self._connected(eio_sid):
+            return
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is None or socket.closing or socket.closed:
+            # The session ended while the connect handler awaited the key lookup (the client left, or
+            # the deadline passed): upstream skips the disconnect of a connection still pending, and
+            # would then register it as connected for good.
+            await super()._handle_disconnect(eio_sid, namespace, self.reason.CLIENT_DISCONNECT)
+            return
+        self.guard.authenticated(eio_sid)
+
+    async def _handle_disconnect(self, eio_sid, namespace, reason=None):
+        await super()._handle_disconnect(eio_sid, namespace, reason)
+        self._maybe_anonymous(eio_sid)
+
+    async def disconnect(self, sid, namespace=None, ignore_queue=False):
+        eio_sid = self.manager.eio_sid_from_sid(sid, namespace or NAMESPACE)
+        await super().disconnect(sid, namespace, ignore_queue)
+        if eio_sid is not None:
+            self._maybe_anonymous(eio_sid)
+
+    def _connected(self, eio_sid: str) -> bool:
+        sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
+        return sid is not None and self.manager.is_connected(sid, NAMESPACE)
+
+    def _maybe_anonymous(self, eio_sid: str) -> None:
+        """A Socket.IO disconnect that leaves the Engine.IO session open puts it back under the deadline."""
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is not None and not socket.closing and not socket.closed and not self._connected(eio_sid):
+            self.guard.deauthenticated(eio_sid)
+
+    async def _handle_eio_message(self, eio_sid, data):
+        """Upstream's dispatch (python-socketio 5.18.1), with decoding separated from handling.
+
+        Errors while decoding are the client's: counted and dropped. Errors in the handlers are ours
+        and still reach upstream's logging.
+        """
+        pending = self._binary_packet.get(eio_sid)
+        try:
+            if pending is not None:
+                if not pending.add_attachment(data):
+                    return
+                del self._binary_packet[eio_sid]
+                pkt = pending
+            else:
+                pkt = self.packet_class(encoded_packet=data)
+            problem = socketio_packet_problem(pkt)
+        except DECODE_ERRORS:
+            problem = "undecodable Socket.IO packet"
+        if (
+            problem is None
+            and pending is None
+            and pkt.packet_type in _BINARY
+            and not self.manager.sid_from_eio_sid(eio_sid, pkt.namespace or NAMESPACE)
+        ):
+            problem = "Socket.IO binary packet before connecting"
+        if problem is not None:
+            self._binary_packet.pop(eio_sid, None)
+            self.malformed.note(self.guard.address_of(eio_sid), problem)
+            return
+        kind = pkt.packet_type
+        if pending is not None:
+            if kind == sio_packet.BINARY_EVENT:
+                await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+            else:
+                await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        elif kind == sio_packet.CONNECT:
+            await self._handle_connect(eio_sid, pkt.namespace, pkt.data)
+        elif kind == sio_packet.DISCONNECT:
+            await self._handle_disconnect(eio_sid, pkt.namespace, self.reason.CLIENT_DISCONNECT)
+        elif kind == sio_packet.EVENT:
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        elif kind == sio_packet.ACK:
+            await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data)
+        else:  # BINARY_EVENT or BINARY_ACK: wait for its attachments
+            self._binary_packet[eio_sid] = pkt
