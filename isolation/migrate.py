@@ -19,6 +19,9 @@ from isolation.migrations import m0001_initial, m0002_agent_templates, m0003_sec
 
 MIGRATIONS: tuple[ModuleType, ...] = (m0001_initial, m0002_agent_templates, m0003_security)
 LATEST_VERSION: int = MIGRATIONS[-1].VERSION
+# Functions of applied migrations that the application no longer calls: the role loses them at the
+# next upgrade. `mt_tenants_with_prefix` matched tenants by their (customer-chosen) names for cleanup.
+RETIRED_FUNCTION_SIGNATURES = frozenset({"mt_tenants_with_prefix(TEXT)"})
 _LOCK_ID = 0x6D74_656E  # "mten": serialises concurrent upgrades on PostgreSQL
 
 _VERSION_TABLE = (
@@ -76,7 +79,10 @@ def _grant_app_role(db: Database, role: str) -> None:
     columns = sql.SQL(", ").join(sql.Identifier(name) for (name,) in readable)
     run(sql.SQL("GRANT SELECT ({}) ON accounts TO {}").format(columns, ident))
     for signature in (*m0001_initial.FUNCTION_SIGNATURES, *m0003_security.LOGIN_FUNCTION_SIGNATURES):
-        run(sql.SQL("GRANT EXECUTE ON FUNCTION " + signature + " TO {}").format(ident))
+        if signature in RETIRED_FUNCTION_SIGNATURES:
+            run(sql.SQL("REVOKE EXECUTE ON FUNCTION " + signature + " FROM {}").format(ident))
+        else:
+            run(sql.SQL("GRANT EXECUTE ON FUNCTION " + signature + " TO {}").format(ident))
 
 
 def upgrade(url: str | None = None, *, app_role: str | None = None) -> list[int]:

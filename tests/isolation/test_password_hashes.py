@@ -90,3 +90,11 @@ def test_login_lookup_needs_the_exact_name_and_prefers_the_username(db):
     assert system.find_account_for_login(other["username"]) == (other, "$argon2id$other")
     assert system.find_account_for_login("owner.mail@%") is None
     assert system.get_account(other["id"]) == other and "password_hash" not in other
+
+
+@needs_postgres
+def test_the_app_role_can_no_longer_list_tenants_by_name(provisioned, db):
+    """Cleanup stopped matching tenant names (customers choose them): the old lookup is retired."""
+    with psycopg.connect(_conninfo(provisioned.url), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+            conn.execute("SELECT * FROM mt_tenants_with_prefix('it_')")
