@@ -4,6 +4,10 @@
     nox -t ci                the same on SQLite *and* PostgreSQL (what .ci/run runs)
     nox -s "unit(postgresql)" -- -k agents      one leg, extra pytest arguments after --
 
+A `nox` run with test stages first erases the coverage data of earlier runs, so the gate counts
+only the stages of the latest such run: an interrupted run, or a PostgreSQL leg that ran once and is
+skipped now, cannot leak into it (re-running `nox -t ci` locally starts from nothing).
+
 The PostgreSQL legs create their own database and role on MAITENANT_TEST_PG_URL (default
 postgresql://postgres@127.0.0.1:5432/test) and drop them afterwards. When that server is not
 reachable the leg is skipped with the reason, except with CI=true, where it fails.
@@ -30,20 +34,34 @@ nox.options.sessions = [
 ROOT = Path(__file__).parent
 DATABASES = nox.parametrize("database", ["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
 IN_CI = os.environ.get("CI", "").lower() == "true"
+_COVERAGE_ERASED = False  # one `nox` run is one Python process: its first test stage erases old data
 
 
 def _install(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
 
 
+def _fresh_coverage(session: nox.Session) -> None:
+    """`coverage erase` once per `nox` run, before its first test stage: data left by an earlier run
+    (an interrupted one, or a leg this run skips) must not count towards this run's gate."""
+    global _COVERAGE_ERASED
+    if _COVERAGE_ERASED:
+        return
+    # COVERAGE_FILE=.coverage with `parallel = true`: erases `.coverage` and every `.coverage.*`.
+    session.run("coverage", "erase", env={"COVERAGE_FILE": str(ROOT / ".coverage")})
+    _COVERAGE_ERASED = True
+
+
 def _require_database(session: nox.Session, database: str) -> None:
     """Skip (locally) or fail (CI) a PostgreSQL leg whose server is unreachable."""
     if database != "postgresql":
         return
+    # `python -c` from the repository root (nox's working directory): testsupport is importable there
+    # without being installed (it is not in the wheel).
     reason = session.run(
         "python",
         "-c",
-        "from isolation.testing import postgres_available as p; print(p() or '')",
+        "from testsupport.databases import postgres_available as p; print(p() or '')",
         silent=True,
     )
     reason = (reason or "").strip()
@@ -57,6 +75,7 @@ def _require_database(session: nox.Session, database: str) -> None:
 def _pytest(session: nox.Session, database: str, *paths: str, name: str) -> None:
     """Run pytest under coverage for one stage and one database leg."""
     _install(session)
+    _fresh_coverage(session)
     _require_database(session, database)
     env = {
         "MAITENANT_TEST_DB": database,

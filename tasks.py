@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,32 +18,17 @@ from pathlib import Path
 import httpx
 from invoke import Context, Exit, task
 
+from testsupport.servers import ServerNotReady, ServerProcess, port_free, stop_pid, stop_processes
+
 ROOT = Path(__file__).parent
 DEFAULT_RUN_DIR = ROOT / "run"
 SERVERS = ("configurator", "replier")
 
 
 def _database_url(database_url: str | None) -> str:
-    from isolation.config import get_database_settings
+    from isolation.config import get_base_settings
 
-    return database_url or get_database_settings().database_url
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return database_url or get_base_settings().database_url
 
 
 def _state_file(run_dir: Path) -> Path:
@@ -54,16 +38,6 @@ def _state_file(run_dir: Path) -> Path:
 def _read_state(run_dir: Path) -> dict:
     path = _state_file(run_dir)
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @task(help={"database-url": "defaults to DATABASE_URL or sqlite:///data/maitenant.db"})
@@ -107,7 +81,7 @@ def start_servers(
     folder = Path(run_dir) if run_dir else DEFAULT_RUN_DIR
     ports = {"configurator": configurator_port, "replier": replier_port}
     for name, port in ports.items():
-        if not _port_free(host, port):
+        if not port_free(host, port):
             raise Exit(
                 f"error: port {port} on {host} ({name}) is already in use. Stop whatever holds it "
                 f"(`invoke stop-servers` if it is MaiTenant) or pass --{name}-port.",
@@ -125,42 +99,38 @@ def start_servers(
             ) from None
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    processes: dict[str, subprocess.Popen] = {}
     urls = {name: f"http://{host}:{port}" for name, port in ports.items()}
-    for name in SERVERS:
-        env = {**os.environ, "HOST": host, "PORT": str(ports[name]), "DATABASE_URL": url}
-        log = open(folder / f"{name}.log", "ab") if detach else None  # noqa: SIM115 - handed to the child
-        processes[name] = subprocess.Popen(
+    servers = {
+        name: ServerProcess(
+            name,
             [sys.executable, "-m", name],
+            env={**os.environ, "HOST": host, "PORT": str(ports[name]), "DATABASE_URL": url},
+            log_path=folder / f"{name}.log" if detach else None,
+            health_url=f"{urls[name]}/health",
             cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT if detach else None,
             # Own session: a terminal's Ctrl-C reaches only this task, which forwards exactly one
             # SIGINT (a second one makes uvicorn abandon its graceful shutdown).
-            start_new_session=True,
+            new_session=True,
         )
+        for name in SERVERS
+    }
+    for server in servers.values():
+        server.start()
+    processes = {name: server.process for name, server in servers.items()}
     try:
         deadline = time.monotonic() + timeout
-        pending = set(SERVERS)
-        while pending and time.monotonic() < deadline:
-            for name in list(pending):
-                if processes[name].poll() is not None:
-                    raise Exit(f"error: {name} exited with code {processes[name].returncode} while starting", code=1)
-                if _healthy(urls[name]):
-                    pending.discard(name)
-            time.sleep(0.1)
+        pending = []
+        for name, server in servers.items():  # one shared deadline; once passed, the rest get one check
+            try:
+                server.wait_healthy(deadline - time.monotonic())
+            except ServerNotReady as exc:
+                if exc.returncode is not None:
+                    raise Exit(f"error: {name} exited with code {exc.returncode} while starting", code=1) from None
+                pending.append(name)
         if pending:
             raise Exit(f"error: {', '.join(sorted(pending))} not healthy after {timeout:.0f} s", code=1)
     except BaseException:
-        for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for process in processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(list(processes.values()), signal.SIGINT, timeout=10)
         raise
     elapsed = time.monotonic() - started
     print(f"configurator  {urls['configurator']}  (API /api/v1, docs {urls['configurator']}/docs)")
@@ -191,14 +161,7 @@ def start_servers(
     except KeyboardInterrupt:
         print("\nstopping…")
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-        for process in processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(list(processes.values()), signal.SIGINT, timeout=15)
 
 
 @task(help={"run-dir": "the folder `start-servers --detach` wrote to (default ./run)"})
@@ -211,18 +174,7 @@ def stop_servers(c: Context, run_dir: str | None = None) -> None:
         return
     for name, info in state.items():
         pid = int(info["pid"])
-        if not _pid_alive(pid):
-            print(f"{name}: not running (pid {pid})")
-            continue
-        os.kill(pid, signal.SIGINT)
-        deadline = time.monotonic() + 15
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            print(f"{name}: killed (pid {pid})")
-        else:
-            print(f"{name}: stopped (pid {pid})")
+        print(f"{name}: {stop_pid(pid, signal.SIGINT, timeout=15)} (pid {pid})")
     for path in [_state_file(folder), *(folder / f"{n}.pid" for n in SERVERS)]:
         path.unlink(missing_ok=True)
 

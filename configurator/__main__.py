@@ -17,6 +17,7 @@ import sys
 
 from pydantic import ValidationError
 
+from isolation.config import settings_error_message
 from isolation.errors import SchemaVersionError
 from isolation.migrate import describe
 
@@ -56,13 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        messages = "; ".join(str(err.get("ctx", {}).get("error") or err["msg"]) for err in exc.errors())
-        print(f"configurator: invalid settings: {messages}", file=sys.stderr)
+        print(f"configurator: invalid settings: {settings_error_message(exc)}", file=sys.stderr)
         return 2
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=updates)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    url = settings.resolved_database_url
+    url = settings.database_url
     try:
         init_database(settings)  # refuse to start on an unknown schema, with the command to run
     except (SchemaVersionError, ValueError) as exc:

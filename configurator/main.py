@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.register_limiter = SlidingWindowLimiter(
         settings.register_rate_limit, settings.register_rate_window_seconds
     )
-    app.state.database_kind = parse_database_url(settings.resolved_database_url).dialect
+    app.state.database_kind = parse_database_url(settings.database_url).dialect
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, model_validator
 
 from isolation.agent_config import AgentConfig, LlmSettings, Persona
+from isolation.context import ID_CHARS
 
 MAX_JSON_DEPTH = 16
 T = TypeVar("T")
@@ -67,7 +68,7 @@ Name = Annotated[str, Field(min_length=1, max_length=100)]
 Description = Annotated[str, Field(max_length=2000)]
 Username = Annotated[str, Field(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
 Password = Annotated[str, Field(min_length=8, max_length=256, json_schema_extra={"writeOnly": True})]
-Platform = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
+Platform = Annotated[str, Field(min_length=1, max_length=64, pattern=rf"^{ID_CHARS}+$")]  # as the replier's
 
 
 # ---------------------------------------------------------------------------------------------

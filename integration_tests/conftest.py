@@ -15,19 +15,18 @@ import atexit
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from isolation.servers import ServerNotReady, free_port, healthy, log_tail, spawn, stop_process, wait_http
-from isolation.testing import PostgresUnavailable, ProvisionedDatabase, provision_database
+from testsupport.databases import ProvisionedDatabase, leg_database
+from testsupport.servers import ServerNotReady, ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DB_KIND = os.environ.get("MAITENANT_TEST_DB", "sqlite")
@@ -43,39 +42,28 @@ atexit.register(shutil.rmtree, _DATA_DIR, True)
 _running: list[Server] = []
 
 
-@dataclass
-class Server:
-    name: str  # the module run with `python -m`
-    port: int
-    env: dict[str, str]
-    log_path: Path
-    args: tuple[str, ...] = ()  # command-line arguments after the module
-    process: subprocess.Popen | None = None
-    _log: object | None = field(default=None, repr=False)  # a log handle a subclass's start() may keep open
+class Server(ServerProcess):
+    """`python -m <name> <args>` on `port`, its output in `log_path`, healthy when /health says 200."""
 
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", self.name, *self.args]
-        self.process = spawn(cmd, env=self.env, log_path=self.log_path, cwd=ROOT)
+    def __init__(self, name: str, port: int, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", name, *args]
+        super().__init__(name, cmd, env=env, log_path=log_path, health_url=f"{url}/health", cwd=ROOT)
+        self.port = port
+        self.http_url = url
+        self._log: IO[bytes] | None = None  # a log handle a subclass's start() may keep open; closed by stop()
 
     def wait_healthy(self, timeout: float) -> None:
         """Until /health says 200; ServerNotReady (with the log) if it exits first or `timeout` passes."""
-        url, log = f"{self.http_url}/health", self.log_path
-        wait_http(url, self.process, timeout, ok=healthy, probe_timeout=2.0, name=self.name, log_path=log)
+        super().wait_healthy(timeout, probe_timeout=2.0)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGINT (graceful: uvicorn shuts down, coverage saves its data), then SIGKILL if it hangs."""
-        code = stop_process(self.process, signal.SIGINT, timeout) if self.process is not None else None
+        code = super().stop(signal.SIGINT, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
         return code
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return log_tail(self.log_path, chars)
 
 
 @dataclass
@@ -136,19 +124,6 @@ def provisioned() -> Iterator[ProvisionedDatabase]:
     """A fresh migrated database for the whole session (dropped at the end)."""
     with leg_database(DB_KIND, in_ci=IN_CI) as database:
         yield database
-
-
-@contextmanager
-def leg_database(kind: str, *, in_ci: bool) -> Iterator[ProvisionedDatabase]:
-    """`provision_database(kind)`; without a PostgreSQL server: fail in CI (the leg must run there),
-    skip with the reason elsewhere."""
-    try:
-        with provision_database(kind) as database:
-            yield database
-    except PostgresUnavailable as exc:
-        if in_ci:
-            pytest.fail(f"PostgreSQL leg needs a server: {exc}")
-        pytest.skip(f"PostgreSQL leg skipped: {exc}")
 
 
 def start_all(servers: list[Server], timeout: float = START_TIMEOUT) -> None:

@@ -1,8 +1,9 @@
 """One end-to-end run: register users, create agents and keys, chat over maim_message, verify, clean up.
 
 Everything goes through the public interfaces a customer uses: the configurator's REST API and the
-replier's maim_message endpoint. Only the optional account removal (the API has no account deletion)
-and `--cleanup-prefix` use the database directly, through `isolation.cleanup`.
+replier's maim_message endpoint, including the cleanup (each account deletes itself with
+`DELETE /auth/me`). Only the optional prefix cleanup (`--database-url`: whatever an interrupted run left
+behind) and `--cleanup-prefix` use the database directly, through `isolation.cleanup`.
 """
 
 from __future__ import annotations
@@ -556,7 +557,5 @@ def delete_prefix_in_database(
         deleted = isolation_cleanup.delete_by_prefix(prefix, force=force)
         left = [a["username"] for a in isolation_cleanup.accounts_with_prefix(prefix)]
     finally:
-        database.close()
-        if hasattr(database, "close_all"):
-            database.close_all()
+        isolation_db.close_database()
     return {"deleted": {k: v for k, v in sorted(deleted.items())}, "accounts_left": left}

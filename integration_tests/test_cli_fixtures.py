@@ -14,14 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from integration_tests import conftest
-from integration_tests.conftest import (
-    Server,
-    check_graceful_exit,
-    free_port,
-    leg_database,
-    start_all,
-    stop_all,
-)
+from integration_tests.conftest import Server, check_graceful_exit, start_all, stop_all
+from testsupport.databases import leg_database
+from testsupport.servers import free_port
 
 
 def test_a_server_that_exits_while_starting_fails_with_its_log(tmp_path, capsys):

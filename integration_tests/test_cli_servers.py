@@ -7,7 +7,6 @@ import asyncio
 import json
 import secrets
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -15,7 +14,8 @@ from integration_tests.api import ApiError, ConfiguratorClient
 from integration_tests.cli import _execute, _quiet_cancelled
 from integration_tests.runner import Run, RunOptions, new_run_prefix
 from integration_tests.test_end_to_end import PASSWORD, in_thread, run, run_cli
-from isolation.testing import table_counts
+from testsupport.databases import table_counts
+from testsupport.servers import ThreadedServer
 
 
 def options(servers, **overrides) -> RunOptions:
@@ -42,25 +42,19 @@ class Unhealthy:
     """TEST DOUBLE: an HTTP server on a free port that answers every GET with 503 and a plain-text body."""
 
     def __enter__(self) -> str:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = b"down for maintenance"
-                self.send_response(503)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        from starlette.applications import Starlette
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
 
-            def log_message(self, *args) -> None:
-                pass
+        async def down(request) -> PlainTextResponse:
+            return PlainTextResponse("down for maintenance", status_code=503)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = ThreadedServer(Starlette(routes=[Route("/{path:path}", down)]), name="unhealthy")
+        self.server.start()
+        return f"http://127.0.0.1:{self.server.port}"
 
     def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
 
 
 def test_an_unhealthy_configurator_fails_before_anything_is_created(servers, tmp_path):

@@ -24,7 +24,8 @@ from integration_tests.api import Account, ConfiguratorClient
 from integration_tests.chat import ChatConnection, ChatError, close_all
 from integration_tests.cli import main
 from integration_tests.runner import new_run_prefix
-from isolation.testing import table_counts, tenant_row_counts
+from testsupport.databases import table_counts, tenant_row_counts
+from testsupport.servers import ThreadedServer, free_port
 
 PASSWORD = "integration-password-1"
 USERS, AGENTS, MESSAGES = 3, 2, 5
@@ -210,8 +211,6 @@ def test_unanswered_messages_fail_the_run_and_cleanup_still_runs(servers, bystan
 
 
 def test_an_unreachable_replier_fails_fast_and_creates_nothing(servers, tmp_path):
-    from integration_tests.conftest import free_port
-
     report_path = tmp_path / "report.json"
     before = table_counts(servers.database)
     args = [*servers.cli_args(), "--replier-url", f"ws://127.0.0.1:{free_port()}/ws", "--report", str(report_path)]
@@ -480,19 +479,19 @@ class FakeModel:
     """
 
     def __init__(self, content: str, *, delay: float = 0.0, fail_after: int | None = None) -> None:
-        from integration_tests.conftest import free_port
+        from starlette.applications import Starlette
+        from starlette.routing import Route
 
         self.content = content
         self.delay = delay
         self.fail_after = fail_after
         self.requests: list[dict] = []
-        self.port = free_port()
-        self.server = None
-        self.thread = None
+        app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
+        self.server = ThreadedServer(app, name="fake-model")
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://127.0.0.1:{self.server.port}/v1"
 
     async def completions(self, request):
         from starlette.responses import JSONResponse
@@ -511,26 +510,11 @@ class FakeModel:
         )
 
     def __enter__(self) -> FakeModel:
-        import threading
-        import time
-
-        import uvicorn
-        from starlette.applications import Starlette
-        from starlette.routing import Route
-
-        app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self.server.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.server.stop(10)
 
 
 def test_user_messages_come_from_a_configured_llm(servers, monkeypatch, tmp_path):

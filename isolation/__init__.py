@@ -1,7 +1,9 @@
 """MaiTenant's isolation library: context, scoped managers, schema, migrations and cleanup.
 
-Application code imports from here (or `isolation.scoped`, `isolation.system`, `isolation.cleanup`),
-never `isolation.models`: a test fails when a module outside this package touches a model.
+Application code imports from here (or `isolation.system`, `isolation.cleanup`, `isolation.fastpath`),
+never `isolation.models`: a test fails when a module outside this package touches a model. Its
+database work runs in `isolation.db.connection()` and `isolation.db.unit_of_work(tenant, write=...)`,
+the one connection and transaction policy of every service.
 """
 
 from isolation.context import IsolationContext, Level, current_context, use_context

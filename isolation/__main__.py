@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from isolation import migrate
-from isolation.config import get_database_settings
+from isolation.config import get_base_settings
 from isolation.errors import SchemaVersionError
 
 
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["upgrade", "version", "check"])
     parser.add_argument("--database-url", default=None, help="defaults to DATABASE_URL")
     args = parser.parse_args(argv)
-    url = args.database_url or get_database_settings().database_url
+    url = args.database_url or get_base_settings().database_url
     try:
         if args.command == "upgrade":
             applied = migrate.upgrade(url)

@@ -64,7 +64,7 @@ class AgentConfig(BaseModel):
 
 
 class LlmSettings(BaseModel):
-    """What is stored in `agents.llm` (never the provider key: that is encrypted in `llm_secret`).
+    """What is stored in `agents.llm` (never the provider key: that is encrypted in `Agent.encrypted_api_key`).
 
     `provider="default"` means "use the replier's global default provider from its settings", which
     itself falls back to the offline responder when none is configured.

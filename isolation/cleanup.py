@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from peewee import fn
 
-from isolation import db as _db
 from isolation.context import IsolationContext
+from isolation.db import unit_of_work
 from isolation.errors import Conflict, NotFound
 from isolation.models import TENANT_MODELS, Account, Membership, RefreshToken, Tenant
 from isolation.scoped import Scoped
@@ -34,8 +34,7 @@ def delete_tenant(tenant_id: str) -> dict[str, int]:
     """Delete every row of `tenant_id` in every tenant table, then the tenant. Counts per table."""
     ctx = IsolationContext(tenant_id)
     counts = _empty_counts()
-    with _db.write_transaction():
-        _db.bind_tenant(ctx.tenant_id)
+    with unit_of_work(ctx.tenant_id, write=True):
         for model in TENANT_MODELS:
             counts[model._meta.table_name] = model.delete().where(model.tenant_id == ctx.tenant_id).execute()
         counts["tenants"] = Tenant.delete().where(Tenant.id == ctx.tenant_id).execute()
@@ -47,8 +46,7 @@ def delete_agent_history(ctx: IsolationContext, agent_id: str) -> dict[str, int]
     agent_ctx = ctx.child(agent_id=agent_id)
     Scoped(agent_ctx).agents.get(agent_id)  # NotFound for foreign or missing agents
     counts: dict[str, int] = {}
-    with _db.write_transaction():
-        _db.bind_tenant(ctx.tenant_id)
+    with unit_of_work(ctx.tenant_id, write=True):
         for model in _HISTORY_MODELS:
             counts[model._meta.table_name] = (
                 model.delete().where((model.tenant_id == ctx.tenant_id) & (model.agent_id == agent_id)).execute()
@@ -126,7 +124,7 @@ def plan_prefix_cleanup(prefix: str) -> PrefixPlan:
     outsiders: dict[str, set[str]] = {}  # tenant -> roles of its members that were not matched
     kept: dict[str, list[str]] = {}
     for tenant_id, roles in sorted(ours.items()):
-        with _db.tenant_transaction(tenant_id):
+        with unit_of_work(tenant_id):
             members = (
                 Membership.select(Membership.account_id, Membership.role)
                 .where(Membership.tenant_id == tenant_id)
@@ -164,7 +162,7 @@ def delete_by_prefix(prefix: str, *, force: bool = False) -> dict[str, int]:
         # Inside that tenant's own context, so the counts stay exact and RLS guards the delete.
         _leave_tenant(account_id, tenant_id, totals)
     for account_id in plan.accounts:
-        with _db.write_transaction():
+        with unit_of_work(write=True):
             totals["accounts"] += Account.delete().where(Account.id == account_id).execute()
     return dict(totals)
 
@@ -172,8 +170,7 @@ def delete_by_prefix(prefix: str, *, force: bool = False) -> dict[str, int]:
 def _leave_tenant(account_id: str, tenant_id: str, totals: Counter[str]) -> None:
     """Remove one membership and its refresh tokens inside that tenant's own context."""
     ctx = IsolationContext(tenant_id)
-    with _db.write_transaction():
-        _db.bind_tenant(ctx.tenant_id)
+    with unit_of_work(ctx.tenant_id, write=True):
         totals["refresh_tokens"] += (
             RefreshToken.delete()
             .where((RefreshToken.tenant_id == ctx.tenant_id) & (RefreshToken.account_id == account_id))
@@ -213,7 +210,7 @@ def delete_account(account_id: str) -> dict[str, int]:
         totals.update(delete_tenant(tenant_id))
     for tenant_id in shared_tenants:
         _leave_tenant(account_id, tenant_id, totals)
-    with _db.write_transaction():
+    with unit_of_work(write=True):
         totals["accounts"] += Account.delete().where(Account.id == account_id).execute()
     if totals["accounts"] == 0:
         raise NotFound("account")

@@ -1,9 +1,9 @@
 """Encryption of stored provider keys (an agent's LLM API key) with Fernet.
 
 The key comes from `MAITENANT_ENCRYPTION_KEY` (a Fernet key) or, failing that, is derived from the
-server secret (`isolation.secret`: `SECRET_KEY`, or the secret generated in `DATA_DIR` at first
-start), so the configurator (which encrypts) and the replier (which decrypts) agree as long as they
-share settings or the data directory. No public default exists.
+server secret (`BaseServiceSettings.server_secret()`: `SECRET_KEY`, or the secret generated in
+`DATA_DIR` at first start), so the configurator (which encrypts) and the replier (which decrypts)
+agree as long as they share settings or the data directory. No public default exists.
 """
 
 from __future__ import annotations
@@ -13,15 +13,10 @@ import hashlib
 from functools import lru_cache
 
 from cryptography.fernet import Fernet, InvalidToken
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError
 
-from isolation import secret
-
-
-class EncryptionSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-
-    maitenant_encryption_key: str | None = None
+from isolation.config import BaseServiceSettings, settings_error_message
+from isolation.secret import UnsafeSecretError
 
 
 class SecretBoxError(RuntimeError):
@@ -30,7 +25,10 @@ class SecretBoxError(RuntimeError):
 
 @lru_cache(maxsize=1)
 def _fernet() -> Fernet:
-    settings = EncryptionSettings()
+    try:
+        settings = BaseServiceSettings()  # read now, not from a cache: tests change the environment
+    except ValidationError as exc:  # e.g. a public SECRET_KEY: the reason, never the value
+        raise SecretBoxError(settings_error_message(exc)) from None
     if settings.maitenant_encryption_key:
         try:
             return Fernet(settings.maitenant_encryption_key.encode())
@@ -39,8 +37,8 @@ def _fernet() -> Fernet:
                 "MAITENANT_ENCRYPTION_KEY is not a valid Fernet key (32 url-safe base64 bytes)"
             ) from exc
     try:
-        server_secret = secret.get_secret_key()
-    except secret.UnsafeSecretError as exc:
+        server_secret = settings.server_secret()
+    except UnsafeSecretError as exc:
         raise SecretBoxError(str(exc)) from exc
     digest = hashlib.sha256(b"maitenant-fernet\x00" + server_secret.encode()).digest()
     return Fernet(base64.urlsafe_b64encode(digest))
@@ -63,6 +61,5 @@ def decrypt_secret(token: str) -> str:
 
 
 def reset_cache() -> None:
-    """Forget the derived key and the resolved server secret (tests that change settings)."""
+    """Forget the derived key, so the next use reads the settings again (tests that change them)."""
     _fernet.cache_clear()
-    secret.get_secret_key.cache_clear()

@@ -1,4 +1,8 @@
-"""Database connection from `DATABASE_URL`, and the per-transaction tenant binding.
+"""Database connection from `DATABASE_URL`, and the one connection and transaction policy.
+
+Every service goes through the public helpers here: `configure()` at start-up, `connection()` around
+a request or a command, `unit_of_work(tenant, write=...)` around its statements (the dialect
+decisions below are made there and nowhere else), `close_database()` at shutdown.
 
 * SQLite (default, embedded): WAL, foreign keys on, a busy timeout; writes take `BEGIN IMMEDIATE`
   so concurrent writers queue on the busy timeout instead of failing on a lock upgrade.
@@ -16,9 +20,9 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from peewee import Database, DatabaseProxy, SqliteDatabase, __exception_wrapper__, _savepoint
-from playhouse.pool import PooledPostgresqlDatabase
+from playhouse.pool import PooledDatabase, PooledPostgresqlDatabase
 
-from isolation.config import get_database_settings
+from isolation.config import get_base_settings
 
 database = DatabaseProxy()
 
@@ -141,7 +145,7 @@ def _sqlite(path: str, busy_timeout_ms: int) -> SqliteDatabase:
 
 def make_database(url: str, *, app_role: str | None = None, admin: bool = False) -> Database:
     """A peewee database for `url`. `admin=True` keeps the URL's own role (for migrations)."""
-    settings = get_database_settings()
+    settings = get_base_settings()
     parsed = parse_database_url(url)
     if not parsed.is_postgres:
         return _sqlite(parsed.path or "", settings.sqlite_busy_timeout_ms)
@@ -162,14 +166,31 @@ def make_database(url: str, *, app_role: str | None = None, admin: bool = False)
 
 
 def configure(url: str | None = None, *, app_role: str | None = None) -> Database:
-    """Point the shared `database` proxy at `url` (default: settings) and return the real database."""
-    if database.obj is not None and not database.obj.is_closed():
-        database.obj.close()
-    if database.obj is not None and hasattr(database.obj, "close_all"):
-        database.obj.close_all()
-    real = make_database(url or get_database_settings().database_url, app_role=app_role)
+    """Point the shared `database` proxy at `url` (default: settings) and return the real database.
+
+    A database configured before is closed first (`close_database`), pool and all.
+    """
+    close_database()
+    real = make_database(url or get_base_settings().database_url, app_role=app_role)
     database.initialize(real)
     return real
+
+
+def close_connection() -> None:
+    """Close this thread's connection if it is open (a pooled one goes back to the pool)."""
+    real = database.obj
+    if real is not None and not real.is_closed():
+        real.close()
+
+
+def close_database() -> None:
+    """Close this thread's connection and, for a pool, every pooled connection (at shutdown)."""
+    real = database.obj
+    if real is None:
+        return
+    close_connection()
+    if isinstance(real, PooledDatabase):
+        real.close_all()
 
 
 def is_postgres() -> bool:
@@ -184,23 +205,36 @@ def _require_configured() -> Database:
 
 
 @contextmanager
-def read_transaction() -> Iterator[None]:
-    """A transaction for reads (or a no-op when one is already open)."""
-    db = _require_configured()
-    with db.atomic():
+def connection() -> Iterator[None]:
+    """This thread's connection for the enclosed work (a request, a command).
+
+    On PostgreSQL it is closed afterwards, which hands it back to the pool. SQLite has no pool and
+    opening costs a file open and four PRAGMAs (more than most queries), so each thread keeps its
+    connection open between uses. When the thread already has one open (nested use), it is left to
+    the outer block.
+    """
+    real = database.obj
+    if real is None:
+        raise RuntimeError("the database is not configured (isolation.db.configure() sets it up)")
+    opened = real.connect(reuse_if_open=True)
+    try:
         yield
+    finally:
+        if opened and isinstance(real, PooledPostgresqlDatabase) and not real.is_closed():
+            real.close()
 
 
-@contextmanager
-def write_transaction() -> Iterator[None]:
-    """A transaction for writes: `BEGIN IMMEDIATE` on SQLite when it is the outermost one."""
-    db = _require_configured()
-    if isinstance(db, SqliteDatabase) and not db.in_transaction():
-        with db.atomic("IMMEDIATE"):
-            yield
-    else:
-        with db.atomic():
-            yield
+def ping() -> None:
+    """A trivial query on this thread's connection (health checks)."""
+    with connection():
+        database.obj.execute_sql("SELECT 1").fetchone()
+
+
+def _bind(db: Database, tenant_id: str) -> None:
+    if isinstance(db, _AppRolePostgresqlDatabase):
+        db.bind(tenant_id)
+    elif isinstance(db, PooledPostgresqlDatabase):
+        db.execute_sql("SELECT set_config('app.tenant_id', %s, true)", (tenant_id,))
 
 
 def bind_tenant(tenant_id: str) -> None:
@@ -209,31 +243,45 @@ def bind_tenant(tenant_id: str) -> None:
     Must be called inside a transaction: `set_config(..., true)` ends with it, so a pooled connection
     never carries one tenant's setting into another's work.
     """
-    db = _require_configured()
-    if isinstance(db, _AppRolePostgresqlDatabase):
-        db.bind(tenant_id)
-    elif isinstance(db, PooledPostgresqlDatabase):
-        db.execute_sql("SELECT set_config('app.tenant_id', %s, true)", (tenant_id,))
+    _bind(_require_configured(), tenant_id)
 
 
 @contextmanager
-def tenant_transaction(tenant_id: str, *, write: bool = False) -> Iterator[None]:
-    """A transaction bound to `tenant_id` (on PostgreSQL: `BEGIN` and the binding in one round trip).
+def unit_of_work(tenant_id: str | None = None, *, write: bool = False) -> Iterator[None]:
+    """The one transaction policy: the managers, the configurator's requests, the replier's store
+    batches and the cleanup all open their database work with it.
 
-    Nested inside an open transaction it binds (once per transaction) and, for writes, opens a
-    savepoint.
+    * `write=True`: a transaction; `BEGIN IMMEDIATE` on SQLite when it is the outermost one, so
+      concurrent writers queue on the busy timeout instead of failing on a lock upgrade; nested, a
+      savepoint (only the inner block rolls back on an error).
+    * Reads on PostgreSQL with a tenant: a transaction, because row-level security needs the tenant
+      bound and the binding lives as long as the transaction. Inside an open transaction only the
+      binding (once per transaction, no savepoint).
+    * Other reads (SQLite, which has no row-level security, or no tenant): no `BEGIN`/`COMMIT`
+      round; they run as they are, inside the enclosing transaction if there is one.
+
+    With a tenant, PostgreSQL gets `BEGIN` and the binding in one round trip. Without one (work that
+    binds per statement, like the replier's batches of several tenants, or tables without tenants
+    such as accounts) nothing is bound.
     """
     db = _require_configured()
-    if not write and db.in_transaction():  # a read inside a transaction needs no savepoint
-        bind_tenant(tenant_id)
-        yield
-        return
-    tracking = isinstance(db, _AppRolePostgresqlDatabase)
-    if tracking and not db.in_transaction():
-        db._state.pending_tenant = tenant_id
+    postgres = isinstance(db, PooledPostgresqlDatabase)
+    if not write:
+        if not postgres or tenant_id is None:
+            yield
+            return
+        if db.in_transaction():
+            _bind(db, tenant_id)
+            yield
+            return
+    tracking = tenant_id is not None and isinstance(db, _AppRolePostgresqlDatabase) and not db.in_transaction()
+    if tracking:
+        db._state.pending_tenant = tenant_id  # picked up by `begin()`: BEGIN and the binding at once
     try:
-        with write_transaction() if write else read_transaction():
-            bind_tenant(tenant_id)
+        immediate = write and isinstance(db, SqliteDatabase) and not db.in_transaction()
+        with db.atomic("IMMEDIATE") if immediate else db.atomic():
+            if tenant_id is not None:
+                _bind(db, tenant_id)
             yield
     finally:
         if tracking:

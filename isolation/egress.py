@@ -24,7 +24,8 @@ from functools import cached_property, lru_cache
 from urllib.parse import urlsplit
 
 from pydantic import HttpUrl, TypeAdapter, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from isolation.config import BaseServiceSettings
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -42,12 +43,11 @@ class EgressRefused(Exception):
     """An outbound LLM destination is not allowed; the message names the rule, never a key."""
 
 
-class EgressSettings(BaseSettings):
-    """The outbound LLM policy, shared by the configurator (save time) and the replier (use time)."""
+class EgressSettings(BaseServiceSettings):
+    """The shared settings plus the outbound LLM policy, read by the configurator (save time, through
+    `get_egress_settings`) and the replier (use time: `ReplierSettings` extends this class)."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-
-    # The operator's default endpoint (also a replier setting): the operator's key may be sent there.
+    # The operator's default endpoint (the replier's default provider uses it): the operator's key may go there.
     llm_base_url: str = ""
     # More base URLs, comma separated, where the operator's key may also be sent (e.g. a second region).
     llm_operator_key_urls: str = ""
@@ -210,7 +210,7 @@ def check_address(ip: IpAddress | str, host: str | None = None, *, policy: Egres
 
 
 def check_agent_llm(
-    base_url: str | None, provider: str, has_own_key: bool, *, policy: EgressSettings | None = None
+    base_url: str | None, provider: str, has_api_key: bool, *, policy: EgressSettings | None = None
 ) -> tuple[str, str] | None:
     """(field, message) when an agent's LLM settings must not be saved, else None. Save-time checks only:
     names are not resolved here (their answer may change; the replier checks every connection)."""
@@ -232,7 +232,7 @@ def check_agent_llm(
             check_address(ipaddress.ip_address("127.0.0.1"), host, policy=policy)
     except EgressRefused as exc:
         return "base_url", str(exc)
-    if provider != "offline" and not has_own_key:
+    if provider != "offline" and not has_api_key:
         return (
             "api_key",
             "an agent with its own llm.base_url must bring its own llm.api_key: the operator's key is only "

@@ -11,7 +11,7 @@ from types import ModuleType
 from peewee import Database, PostgresqlDatabase
 from psycopg import sql
 
-from isolation.config import get_database_settings
+from isolation.config import get_base_settings
 from isolation.db import make_database, parse_database_url
 from isolation.errors import SchemaVersionError
 from isolation.ids import utcnow
@@ -43,7 +43,7 @@ def _applied_version(db: Database) -> int:
 
 def current_version(url: str | None = None) -> int:
     """The schema version of the database at `url` (0 for an empty database)."""
-    db = make_database(url or get_database_settings().database_url, admin=True)
+    db = make_database(url or get_base_settings().database_url, admin=True)
     try:
         return _applied_version(db)
     finally:
@@ -87,7 +87,7 @@ def _grant_app_role(db: Database, role: str) -> None:
 
 def upgrade(url: str | None = None, *, app_role: str | None = None) -> list[int]:
     """Apply every pending migration in order; returns the versions applied (empty when current)."""
-    settings = get_database_settings()
+    settings = get_base_settings()
     url = url or settings.database_url
     role = app_role or settings.database_app_role
     db = make_database(url, admin=True)

@@ -22,37 +22,46 @@ from isolation.db import database
 from isolation.errors import InvalidValueError
 
 
-def _no_nul(value):
+def refuse_nul(value):
+    """`value`, or `InvalidValueError` when it is text with NUL characters (PostgreSQL cannot store them).
+
+    The one NUL check: the model fields below and the hand-written inserts (`managers/sql.py`) use it.
+    """
     if isinstance(value, str) and "\x00" in value:
         raise InvalidValueError("text must not contain NUL (\\x00) characters")
     return value
+
+
+def json_text(value):
+    """Strict, compact JSON text (None stays NULL): readers (e.g. the agents page in
+    `managers/sql.py`) may splice the text in as is."""
+    if value is None:
+        return None
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:  # NaN or an infinity (or a circular structure): not JSON
+        raise InvalidValueError(f"value cannot be stored as JSON: {exc}") from exc
 
 
 class SafeCharField(CharField):
     """CharField that refuses NUL characters on every database (PostgreSQL cannot store them)."""
 
     def db_value(self, value):
-        return super().db_value(_no_nul(value))
+        return super().db_value(refuse_nul(value))
 
 
 class SafeTextField(TextField):
     """TextField that refuses NUL characters on every database (PostgreSQL cannot store them)."""
 
     def db_value(self, value):
-        return super().db_value(_no_nul(value))
+        return super().db_value(refuse_nul(value))
 
 
 class JSONField(TextField):
     """JSON stored as text: portable across SQLite and PostgreSQL."""
 
     def db_value(self, value):
-        """Strict, compact JSON: readers (e.g. `AgentManager.page_json`) may splice the text in as is."""
-        if value is None:
-            return None
-        try:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        except ValueError as exc:  # NaN or an infinity (or a circular structure): not JSON
-            raise InvalidValueError(f"value cannot be stored as JSON: {exc}") from exc
+        return json_text(value)
 
     def python_value(self, value):
         return None if value is None else json.loads(value)
@@ -140,7 +149,8 @@ class Agent(TenantModel):
     persona = JSONField()
     config = JSONField()
     llm = JSONField()
-    llm_secret = SafeTextField(null=True)
+    # The agent's LLM key (`llm.api_key`), Fernet-encrypted; the column keeps its first name.
+    encrypted_api_key = SafeTextField(null=True, column_name="llm_secret")
     status = SafeCharField(default="active")
     version = IntegerField(default=1)
     created_at = DateTimeField()

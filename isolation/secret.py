@@ -9,6 +9,9 @@ development default of earlier versions is refused wherever it comes from.
 Creation is atomic: the secret is written to a private temporary file and published with `link()`,
 which fails if the name exists, so two processes starting together agree (the loser reads the
 winner's file) and nobody ever reads a half-written one.
+
+This module holds the rules and the file handling only; the settings that name `SECRET_KEY`, `DATA_DIR`
+and `ENVIRONMENT`, and the validator that applies `check_secret_key` to them, are in `isolation.config`.
 """
 
 from __future__ import annotations
@@ -17,10 +20,7 @@ import contextlib
 import os
 import secrets
 import stat
-from functools import lru_cache
 from pathlib import Path
-
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRET_FILE_NAME = "secret_key"  # noqa: S105 - a file name, not a secret
 # Published in the source of earlier versions: anyone could sign tokens with them. Never accepted.
@@ -28,16 +28,6 @@ PUBLIC_SECRET_KEYS = frozenset({"maitenant-development-secret-change-me"})
 MIN_SECRET_LENGTH = 16
 MIN_PRODUCTION_SECRET_LENGTH = 32
 _GENERATED_BYTES = 48  # secrets.token_urlsafe(48): 64 characters, 384 bits
-
-
-class SecretSettings(BaseSettings):
-    """`SECRET_KEY` (optional), `DATA_DIR` (where a generated secret is kept) and `ENVIRONMENT`."""
-
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-
-    secret_key: str = ""
-    data_dir: Path = Path("data")
-    environment: str = "development"
 
 
 class UnsafeSecretError(ValueError):
@@ -126,17 +116,3 @@ def secret_from_data_dir(data_dir: Path | str) -> str:
                 f"cannot create the secret file {path}: {exc.strerror or exc}; set SECRET_KEY or make DATA_DIR writable"
             ) from exc
     return _read_secret_file(path)
-
-
-def resolve_secret_key(settings: SecretSettings | None = None) -> str:
-    """`SECRET_KEY` when set (checked), else the secret of `DATA_DIR`. `UnsafeSecretError` otherwise."""
-    settings = settings or SecretSettings()
-    if settings.secret_key:
-        return check_secret_key(settings.secret_key, settings.environment)
-    return secret_from_data_dir(settings.data_dir)
-
-
-@lru_cache(maxsize=1)
-def get_secret_key() -> str:
-    """`resolve_secret_key()` from the environment, once per process (`get_secret_key.cache_clear()` in tests)."""
-    return resolve_secret_key()

@@ -96,7 +96,7 @@ def create_account(username: str, email: str, password_hash: str) -> dict:
     """A new account; `Conflict` when the username or email is taken."""
     account_id = new_id("acc")
     try:
-        with _db.write_transaction():
+        with _db.unit_of_work(write=True):
             Account.insert(
                 id=account_id, username=username, email=email, password_hash=password_hash, created_at=utcnow()
             ).execute()
@@ -141,7 +141,7 @@ def find_account_for_login(login: str) -> tuple[dict, str] | None:
 
 def set_password_hash(account_id: str, password_hash: str) -> None:
     """Store a re-hashed password (pwdlib asks for it when parameters change)."""
-    with _db.write_transaction():
+    with _db.unit_of_work(write=True):
         Account.update(password_hash=password_hash).where(Account.id == account_id).execute()
 
 
@@ -153,8 +153,7 @@ def create_tenant(
         raise ValueError(f"tenant type must be one of {TENANT_TYPES}")
     tenant_id = new_id("ten")
     now = utcnow()
-    with _db.write_transaction():
-        _db.bind_tenant(tenant_id)
+    with _db.unit_of_work(tenant_id, write=True):
         Tenant.insert(
             id=tenant_id, name=name, type=tenant_type, settings=settings or {}, created_at=now, updated_at=now
         ).execute()

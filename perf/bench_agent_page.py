@@ -4,7 +4,7 @@
     python -m perf.bench_agent_page --database postgresql --threads 1 8
 
 Each "request" does what the route does inside `Principal.session()`: take a connection, open the
-tenant's read transaction (PostgreSQL binds the tenant for row-level security), check the caller's
+tenant's unit of work (on PostgreSQL a read transaction binding the tenant), check the caller's
 membership and sign-in session (one statement), read a page of 20 agents, and turn it into the JSON body:
 
 - `rows`: `agents.list_with_key_flags()` (rows decoded into Python) and `orjson.dumps` of the page;
@@ -28,7 +28,7 @@ import orjson
 from isolation import IsolationContext, Scoped, system
 from isolation import db as isolation_db
 from isolation.ids import utcnow
-from isolation.testing import provision_database
+from testsupport.databases import provision_database
 
 SESSION = "bench-session"
 
@@ -46,20 +46,16 @@ def _seed(agents: int) -> tuple[IsolationContext, str]:
 
 
 def _request(real, ctx: IsolationContext, account_id: str, body: Callable[[Scoped], bytes]) -> bytes:
-    real.connect(reuse_if_open=True)
-    try:
-        with isolation_db.tenant_transaction(ctx.tenant_id):
-            scoped = Scoped(ctx)
-            scoped.memberships.get_with_session(account_id, SESSION)
-            return body(scoped)
-    finally:
-        if isolation_db.is_postgres():  # back to the pool, as configurator.core.db.connection() does
-            real.close()
+    # As the configurator's `Principal.session()` does: the connection, then the tenant's unit of work.
+    with isolation_db.connection(), isolation_db.unit_of_work(ctx.tenant_id):
+        scoped = Scoped(ctx)
+        scoped.memberships.get_with_session(account_id, SESSION)
+        return body(scoped)
 
 
 def _rows(scoped: Scoped) -> bytes:
     rows = scoped.agents.list_with_key_flags(limit=51)
-    items = [{**row, "has_api_key": row.pop("has_llm_key")} for row in rows[:50]]
+    items = rows[:50]
     return orjson.dumps({"items": items, "limit": 50, "offset": 0, "next_offset": None}, option=orjson.OPT_NAIVE_UTC)
 
 
@@ -114,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"threads={threads:<3} rows {rates['rows']:>8.0f} req/s   page_json {rates['page_json']:>8.0f} req/s"
                 f"   ratio page_json/rows {rates['page_json'] / rates['rows']:.2f}"
             )
-        real.close()
-        if hasattr(real, "close_all"):
-            real.close_all()
+        isolation_db.close_database()
     return 0
 
 

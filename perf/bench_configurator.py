@@ -1,8 +1,8 @@
 """Benchmark: authenticated `GET /api/v1/agents` (a tenant with 20 agents) against a bare FastAPI
 endpoint that returns the same JSON, in the same run, under the same uvicorn settings.
 
-    python perf/bench_configurator.py --database sqlite
-    python perf/bench_configurator.py --database postgresql --duration 10 --connections 16
+    python -m perf.bench_configurator --database sqlite
+    python -m perf.bench_configurator --database postgresql --duration 10 --connections 16
 
 Both servers are real `uvicorn` subprocesses (one worker, log level warning). The load comes from a
 separate process: a small asyncio HTTP/1.1 keep-alive client (raw sockets, so the client is not the
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported here, not at the top: the baseline server imports this module and must stay bare.
-    from isolation.servers import free_port, running_server
-    from isolation.testing import provision_database
+    from testsupport.databases import provision_database
+    from testsupport.servers import free_port, running_server
 
     def uvicorn(port: int, *app: str) -> list[str]:
         """Both servers get the same uvicorn flags (one worker, log level warning, no access log)."""

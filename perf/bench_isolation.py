@@ -32,7 +32,7 @@ from isolation.db import make_database
 from isolation.ids import new_id
 from isolation.models import Message  # the unscoped baseline needs the model itself
 from isolation.system import create_account, create_tenant
-from isolation.testing import PostgresUnavailable, provision_database
+from testsupport.databases import PostgresUnavailable, provision_database
 
 HISTORY_LIMIT = 20
 
@@ -117,9 +117,9 @@ def timed_pair(base_fn, base_db, scoped_fn, scoped_db, contexts, order, in_trans
             if order and isinstance(order[0], list):
                 for request in order:
                     # each side opens a request the way its code would: a plain transaction for the
-                    # baseline, `tenant_transaction` (BEGIN and the tenant binding together) when scoped
+                    # baseline, `unit_of_work(tenant)` (BEGIN and the tenant binding together) when scoped
                     tenant = contexts[request[0]].tenant_id
-                    with db.atomic() if label == "baseline" else isolation_db.tenant_transaction(tenant):
+                    with db.atomic() if label == "baseline" else isolation_db.unit_of_work(tenant):
                         for i in request:
                             fn(contexts[i])
             elif in_transaction:

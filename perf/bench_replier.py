@@ -7,7 +7,7 @@
 Servers (each its own process): maim_message's reference `WebSocketServer` echo (logs at WARNING),
 a bare python-socketio echo, and the replier's full pipeline (auth, validation, isolation context,
 inbound + reply + usage rows, history and memories, offline provider) on SQLite and PostgreSQL
-(fresh databases from `isolation.testing.provision_database`). The load comes from separate
+(fresh databases from `testsupport.databases.provision_database`). The load comes from separate
 processes (perf/sio_loadgen.py): each client sends its next message after its reply.
 Server logs go to $TMPDIR/maitenant-bench-<server>.log.
 """
@@ -25,7 +25,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from isolation.servers import free_port, healthy, running_server, wait_ready
+from testsupport.servers import free_port, healthy, running_server, wait_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,7 +159,7 @@ def make_keys(url: str, app_role: str | None, count: int) -> list[str]:
     from isolation import IsolationContext, Scoped, system
     from isolation import db as isolation_db
 
-    real = isolation_db.configure(url, app_role=app_role)
+    isolation_db.configure(url, app_role=app_role)
     keys = []
     for i in range(count):
         account = system.create_account(f"bench{i}-{os.getpid()}", f"bench{i}-{os.getpid()}@example.com", "x")
@@ -168,9 +168,7 @@ def make_keys(url: str, app_role: str | None, count: int) -> list[str]:
         agent = Scoped(ctx).agents.create(name=f"bench-agent-{i}", persona={"interests": ["speed"]}, config={}, llm={})
         _, secret = Scoped(ctx).api_keys.create(agent["id"], name="bench")
         keys.append(secret)
-    real.close()
-    if hasattr(real, "close_all"):
-        real.close_all()
+    isolation_db.close_database()
     return keys
 
 
@@ -203,7 +201,7 @@ def main() -> None:
     parser.add_argument("--skip-baselines", action="store_true")
     args = parser.parse_args()
 
-    from isolation.testing import provision_database
+    from testsupport.databases import provision_database
 
     results: list[Result] = []
     reference: dict[int, float] = {}

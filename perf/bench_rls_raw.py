@@ -14,8 +14,8 @@ import time
 
 import psycopg
 
-from isolation.testing import _conninfo, provision_database
 from perf import bench_isolation
+from testsupport.databases import _conninfo, provision_database
 
 QUERY = (
     "SELECT * FROM messages WHERE tenant_id=%s AND agent_id=%s AND platform=%s AND chat_stream_id=%s "

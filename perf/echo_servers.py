@@ -62,7 +62,7 @@ def run_maim(host: str, port: int) -> None:
         )
         server = WebSocketServer(config)
         # The reference server keeps no reference to its listener task, so a garbage-collection pass
-        # can destroy it (defect 1 in MAIM_PROTOCOL.md): hold every task it created.
+        # can destroy it while it is still serving: hold every task it created.
         gc.disable()
         try:
             await server.start()

@@ -5,7 +5,7 @@
     python -m perf.load_run --users 50 --spawn-rate 10 --run-time 60s --max-p95-ms 500
     python -m perf.load_run --database-url postgresql://... --keep-data    # an existing database
 
-Steps: provision a fresh migrated database (`isolation.testing.provision_database`, dropped afterwards;
+Steps: provision a fresh migrated database (`testsupport.databases.provision_database`, dropped afterwards;
 or use `--database-url`, whose `load_` data is deleted afterwards unless `--keep-data`), start both
 backends with `invoke start-servers --detach` on free loopback ports, seed with `python -m perf.seed`,
 run `perf/locustfile_configurator.py` then `perf/locustfile_replier.py` headless, stop the servers,
@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from testsupport.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -71,12 +72,6 @@ class Result:
         return (self.failures + self.user_errors) / self.requests if self.requests else 1.0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def _run(args: list[str], log: Path | None = None, timeout: float | None = None, env: dict | None = None) -> int:
     """Run a child process from the project root; output to `log` (or inherited)."""
     env = {**os.environ, **(env or {})}
@@ -103,7 +98,7 @@ def database(kind: str, url: str | None, keep_data: bool, run_id: str) -> Iterat
                 prefix = f"load_{run_id}_"
                 _run([sys.executable, "-m", "perf.seed", "--cleanup", "--prefix", prefix, "--database-url", url])
         return
-    from isolation.testing import provision_database
+    from testsupport.databases import provision_database
 
     with provision_database(kind) as provisioned:
         if provisioned.app_role:

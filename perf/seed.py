@@ -97,7 +97,7 @@ def seed(
     rows: list[SeedRow] = []
     for t in range(tenants):
         username = f"{PREFIX}{run}_t{t:04d}"
-        with isolation_db.write_transaction():
+        with isolation_db.unit_of_work(write=True):
             account = system.create_account(username, f"{username}@load.example.com", password_hash)
             tenant = system.create_tenant(f"{username} workspace", account["id"], "enterprise")
             ctx = IsolationContext(tenant["id"])
@@ -170,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from isolation import db as isolation_db
-    from isolation.config import get_database_settings
+    from isolation.config import get_base_settings
     from isolation.migrate import check_schema
 
-    url = args.database_url or get_database_settings().database_url
+    url = args.database_url or get_base_settings().database_url
     database = isolation_db.configure(url)
     check_schema(database)
     started = time.perf_counter()

@@ -8,12 +8,14 @@ import resource
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from isolation import db as isolation_db
+from isolation.config import settings_error_message
 from isolation.crypto import SecretBoxError, check_key
 from isolation.errors import SchemaVersionError
 from isolation.migrate import check_schema
-from replier.app import create_app, http_buffer_limit
+from replier.app import ReplierApp, create_app, http_buffer_limit
 from replier.core.config import get_settings
 
 log = logging.getLogger("replier")
@@ -33,22 +35,27 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 
 class ReplierServer(uvicorn.Server):
-    """uvicorn closes connections first on shutdown; we finish in-flight replies before that."""
+    """uvicorn closes connections first on shutdown; we finish in-flight replies before that.
 
-    def __init__(self, config: uvicorn.Config, app) -> None:
+    While the replier drains, a client that still connects is refused by its gate ("server is
+    shutting down"); then uvicorn's own shutdown stops listening and closes what is left.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: ReplierApp) -> None:
         super().__init__(config)
-        self._replier_app = app
+        self.app = app
 
     async def shutdown(self, sockets=None) -> None:
-        for server in self.servers:
-            server.close()
-        settings = self._replier_app.settings
-        await self._replier_app.replier.drain(settings.shutdown_grace_seconds)
+        await self.app.replier.drain(self.app.settings.shutdown_grace_seconds)
         await super().shutdown(sockets)
 
 
 def main() -> int:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # e.g. a public or short SECRET_KEY: the reason, never the value
+        print(f"replier: refusing to start: {settings_error_message(exc)}", file=sys.stderr)
+        return 2
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("maim_message").setLevel(logging.WARNING)

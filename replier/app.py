@@ -7,8 +7,8 @@ import asyncio
 import gc
 import logging
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-import socketio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,13 +18,13 @@ from isolation import db as isolation_db
 from isolation.migrate import check_schema, describe
 from replier.core.config import ReplierSettings, get_settings
 from replier.edge import Edge
-from replier.engine import GuardedServer
-from replier.frames import MalformedFrames
 from replier.metrics import Metrics
-from replier.pipeline import Replier
+from replier.outbox import Outbox
+from replier.outbox.frames import MalformedFrames
+from replier.outbox.server import build_server, mount
+from replier.service import Replier
 from replier.sessions import SessionGuard
 from replier.store import Store
-from replier.transport import JsonPacket, OrjsonModule
 
 log = logging.getLogger("replier")
 
@@ -41,16 +41,20 @@ def http_buffer_limit(settings: ReplierSettings) -> int:
     return max(1_000_000, settings.max_payload_bytes * 4)
 
 
-def _library_logger(name: str) -> logging.Logger:
-    """The library's logger at ERROR, without the extra stream handler it adds when given `False`
-    (which printed every traceback twice: once there, once through the root handler)."""
-    logger = logging.getLogger(name)
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.ERROR)
-    return logger
+@dataclass(frozen=True, slots=True)
+class ReplierApp:
+    """What `create_app` builds: the ASGI app to serve, and the replier and settings behind it
+    (the server drains the replier before uvicorn closes connections, see `replier.__main__`)."""
+
+    asgi: Edge
+    replier: Replier
+    settings: ReplierSettings
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.asgi(scope, receive, send)
 
 
-def create_app(settings: ReplierSettings | None = None) -> Edge:
+def create_app(settings: ReplierSettings | None = None) -> ReplierApp:
     """Build the app. The database is configured and checked in the lifespan (at start-up)."""
     settings = settings or get_settings()
     metrics = Metrics()
@@ -61,21 +65,15 @@ def create_app(settings: ReplierSettings | None = None) -> Edge:
         metrics=metrics,
     )
     malformed = MalformedFrames(settings.malformed_log_seconds, metrics.malformed_frames)
-    sio = GuardedServer(
+    sio = build_server(
         guard=guard,
         malformed=malformed,
-        async_mode="asgi",
-        async_handlers=False,  # handlers only parse and enqueue; order per connection is kept
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
         max_http_buffer_size=http_buffer_limit(settings),
-        logger=_library_logger("socketio.server"),
-        engineio_logger=_library_logger("engineio.server"),
-        serializer=JsonPacket,
-        json=OrjsonModule,
     )
     store = Store(workers=1, batch_max=settings.db_batch_max)
-    replier = Replier(settings, sio, metrics, store)
+    replier = Replier(settings, Outbox(sio, metrics), metrics, store)
 
     async def health(request: Request) -> JSONResponse:
         try:
@@ -90,7 +88,7 @@ def create_app(settings: ReplierSettings | None = None) -> Edge:
                 "database": database,
                 "connections": len(replier.connections),
                 "unauthenticated": guard.unauthenticated,
-                "accepting": replier._accepting,
+                "accepting": replier.accepting,
                 "db_batches": store.batches,
                 "db_jobs": store.jobs,
                 "db_busy_seconds": round(store.busy_seconds, 3),
@@ -132,28 +130,20 @@ def create_app(settings: ReplierSettings | None = None) -> Edge:
             await replier.drain(settings.shutdown_grace_seconds)
             await replier.stop()
             await asyncio.to_thread(store.stop)
-            database = isolation_db.database.obj
-            if database is not None:
-                if not database.is_closed():
-                    database.close()
-                if hasattr(database, "close_all"):
-                    database.close_all()
+            isolation_db.close_database()
             log.info("replier stopped")
 
     web = Starlette(
         routes=[Route("/health", health), Route("/metrics", metrics_route)],
         lifespan=lifespan,
     )
-    asgi = socketio.ASGIApp(sio, other_asgi_app=web, socketio_path=SOCKETIO_PATH)
     edge = Edge(
-        asgi,
+        mount(sio, web, SOCKETIO_PATH),
         path=SOCKETIO_PATH,
-        limit=sio.eio.max_http_buffer_size,
+        limit=http_buffer_limit(settings),
         body_timeout=settings.http_body_timeout_seconds,
         guard=guard,
         malformed=malformed,
         metrics=metrics,
     )
-    edge.replier = replier
-    edge.settings = settings
-    return edge
+    return ReplierApp(edge, replier, settings)

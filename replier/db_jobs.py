@@ -4,13 +4,18 @@ and touch tenant data only through the isolation library's scoped managers."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from isolation import Scoped, fastpath
 from isolation.agent_config import AgentConfig, LlmSettings, Persona
 from isolation.context import IsolationContext
 from isolation.crypto import SecretBoxError, decrypt_secret
+from replier.llm.base import LlmDefaults, LlmRequest
+from replier.llm.offline import offline_answer
+from replier.memory import worth_storing
 from replier.protocol import REPLY_ID_PREFIX, Inbound
+from replier.reply import Reply, build_reply
 
 log = logging.getLogger("replier.db")
 
@@ -37,7 +42,36 @@ class IngestResult:
     reply: dict | None = None  # the stored reply of a replayed message
     history: list | None = None  # [(direction, text, sender)] oldest first, without this message; None = not read
     memories: list | None = None  # memory contents, oldest first; None = not read
-    answer: object | None = None  # an inline answer already stored (see `ingest(answer_inline=...)`)
+    answer: Reply | None = None  # the offline answer made and stored in the job (see `IngestRequest.offline`)
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerOffline:
+    """Answer inside the ingest job when the agent, as read there, is active and has no model.
+
+    The offline responder is synchronous and deterministic, so the whole exchange then costs one
+    database round trip and one commit. `memories` are the stream's cached memories, used when the
+    job does not read them again.
+    """
+
+    defaults: LlmDefaults
+    memories: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestRequest:
+    """What `ingest` does for one message. `ctx` is the message's T+A+C+P context; the flags say what
+    the event loop's caches already hold (the agent, the stream, its history and memories)."""
+
+    ctx: IsolationContext
+    inbound: Inbound
+    stream_known: bool = False
+    cached_agent: AgentView | None = None
+    check_agent: bool = True
+    touch: bool = False
+    need_history: bool = True
+    need_memories: bool = True
+    offline: AnswerOffline | None = None
 
 
 def _parse(model, value):
@@ -51,7 +85,7 @@ def _parse(model, value):
 def load_agent(ctx: IsolationContext) -> AgentView:
     agents = Scoped(ctx).agents
     row = agents.get(ctx.agent_id)
-    secret = agents.llm_secret(ctx.agent_id)
+    secret = agents.encrypted_api_key(ctx.agent_id)
     api_key = None
     if secret:
         try:
@@ -71,31 +105,23 @@ def load_agent(ctx: IsolationContext) -> AgentView:
     )
 
 
-def ingest(
-    ctx: IsolationContext,
-    inbound: Inbound,
-    stream_known: bool,
-    cached_agent: AgentView | None,
-    check_agent: bool,
-    touch: bool,
-    need_history: bool = True,
-    need_memories: bool = True,
-    answer_inline=None,
-) -> IngestResult:
+def ingest(request: IngestRequest) -> IngestResult:
     """Agent (reloaded when its version moved), chat stream, the inbound row (idempotent), history
     and memories, in one go. The per-message statements use `isolation.fastpath`."""
-    agent = cached_agent
+    ctx, inbound = request.ctx, request.inbound
+    need_history, need_memories = request.need_history, request.need_memories
+    agent = request.cached_agent
     reloaded = False
     agent_ctx = IsolationContext(ctx.tenant_id, ctx.agent_id)
-    if agent is None or (check_agent and Scoped(agent_ctx).agents.version(ctx.agent_id) != agent.version):
+    if agent is None or (request.check_agent and Scoped(agent_ctx).agents.version(ctx.agent_id) != agent.version):
         agent = load_agent(agent_ctx)
         reloaded = True
     if ctx.chat_stream_id is None:
         raise ValueError("ingest needs the T+A+C+P context of the message's stream")
     tap_ctx = IsolationContext(ctx.tenant_id, ctx.agent_id, ctx.platform)
     streams = Scoped(tap_ctx).chat_streams
-    if stream_known:
-        if touch:
+    if request.stream_known:
+        if request.touch:
             streams.touch(ctx.chat_stream_id)
     else:
         stream_id = streams.get_or_create(
@@ -140,44 +166,60 @@ def ingest(
         if agent.config.memory.enabled and agent.config.memory.max_memories > 0:
             memories = session.relevant_memories(agent.config.memory.max_memories)
         result.memories = memories
-    if answer_inline is not None:
-        # A synchronous, deterministic responder (the offline one) answers inside this job, so the
-        # whole exchange costs one database round trip and one commit.
-        answer = answer_inline(agent, inbound, result.history, result.memories)
-        if answer is not None:
-            result.answer = answer
-            complete(chat_ctx, session=session, **answer.complete_kwargs)
+    offline = request.offline
+    if offline is not None and offline.defaults.resolve(agent.llm, agent.llm_api_key).kind == "offline":
+        memories = result.memories if result.memories is not None else offline.memories
+        result.answer = answer_offline(agent, inbound, stream_id, memories)
+        complete(chat_ctx, result.answer, session=session)
     return result
 
 
-def complete(
-    ctx: IsolationContext,
-    *,
-    reply_id: str,
-    text: str,
-    agent_name: str,
-    reply_to: str,
-    usage: dict,
-    memory: str | None,
-    memory_source: str,
-    session: fastpath.ChatSession | None = None,
-) -> None:
-    """Store the reply, the usage row and an optional chat memory."""
+def answer_offline(agent: AgentView, inbound: Inbound, stream_id: str, memories: list[str]) -> Reply:
+    """The offline responder's reply to one message (pure: no database, no event loop)."""
+    started = time.perf_counter()
+    user_name = inbound.nickname or inbound.user_id
+    request = LlmRequest(
+        messages=[],
+        persona=agent.persona,
+        agent_name=agent.name,
+        memories=memories,
+        user_text=inbound.text,
+        user_name=user_name,
+    )
+    wants_memory = agent.config.memory.enabled and agent.config.memory.max_memories > 0
+    answer = offline_answer(request, keep_memory=wants_memory)
+    return build_reply(
+        inbound,
+        stream_id=stream_id,
+        agent_name=agent.name,
+        user_name=user_name,
+        max_memories=agent.config.memory.max_memories,
+        text=answer.text,
+        provider="offline",
+        model="offline",
+        outcome="offline",
+        latency_ms=int((time.perf_counter() - started) * 1000),
+        memory=worth_storing(answer.memory, memories),
+    )
+
+
+def complete(ctx: IsolationContext, reply: Reply, session: fastpath.ChatSession | None = None) -> None:
+    """Store the reply, its usage row and an optional chat memory."""
     session = session if session is not None and session.ctx == ctx else fastpath.ChatSession(ctx)
     session.insert_reply_with_usage(
         {
-            "message_id": reply_id,
+            "message_id": reply.reply_id,
             "direction": "out",
-            "text": text,
-            "segments": {"type": "text", "data": text},
+            "text": reply.text,
+            "segments": {"type": "text", "data": reply.text},
             "sender_user_id": "maitenant-agent",
-            "sender_nickname": agent_name[:256],
-            "reply_to": reply_to,
+            "sender_nickname": reply.agent_name[:256],
+            "reply_to": reply.reply_to,
         },
-        usage,
+        reply.usage,
     )
-    if memory:
-        Scoped(ctx).memories.add(memory, level="chat", source=memory_source)
+    if reply.memory:
+        Scoped(ctx).memories.add(reply.memory, level="chat", source=reply.memory_source)
 
 
 def key_statuses(by_tenant: dict[str, set[str]]) -> dict[tuple[str, str], dict | None]:

@@ -2,7 +2,7 @@
 
 python-engineio 4.15.1 reads a polling POST body itself and, for a declared Content-Length above
 `max_http_buffer_size`, raises `ContentTooLongError` and then waits forever in `disconnect`
-(`close(wait=True)`, see `replier.engine`): no answer, and the socket and its descriptor kept after
+(`close(wait=True)`, see `replier.outbox.server`): no answer, and the socket and its descriptor kept after
 the client left. So before Engine.IO sees a request under the Socket.IO path, this layer:
 
 - answers 413 (and closes the connection) when the declared Content-Length is above the limit, without
@@ -11,7 +11,7 @@ the client left. So before Engine.IO sees a request under the Socket.IO path, th
   mid-body gets nothing and Engine.IO never hears of it. Engine.IO then receives the whole body in one
   piece, with a Content-Length that matches it;
 - answers 400 to a polling body that is not a payload of client packets, and drops websocket frames
-  that are not Engine.IO packets (counted, see `replier.frames`);
+  that are not Engine.IO packets (counted, see `replier.outbox.frames`);
 - admits each handshake (a request without `sid`) through the `SessionGuard`: 503 when too many
   sessions are waiting to authenticate, 429 when the client address has too many open sessions (for
   a websocket, the same status through the ASGI websocket.http.response extension, or a close).
@@ -25,8 +25,8 @@ import asyncio
 import logging
 from urllib.parse import parse_qs
 
-from replier.engine import SESSION_KEY
-from replier.frames import MalformedFrames, polling_payload_problem, websocket_frame_problem
+from replier.outbox.frames import MalformedFrames, polling_payload_problem, websocket_frame_problem
+from replier.outbox.server import SESSION_KEY
 from replier.sessions import ADDRESS_LIMIT, Session, SessionGuard
 
 log = logging.getLogger("replier")

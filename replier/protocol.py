@@ -39,6 +39,8 @@ from maim_message.message_base import MessageBase
 from maim_message.message_base import Seg as LegacySeg
 from maim_message.message_base import UserInfo as LegacyUserInfo
 
+from isolation.context import ID_CHARS
+
 # `import maim_message` installs an INFO handler that logs raw API keys.
 logging.getLogger("maim_message").setLevel(logging.WARNING)
 
@@ -54,7 +56,7 @@ MAX_SEG_DEPTH = 4
 MAX_ID_CHARS = 100
 MAX_PEER_CHARS = 128
 MAX_NAME_CHARS = 256
-_PLATFORM_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,64}$")
+_PLATFORM_RE = re.compile(rf"^{ID_CHARS}{{1,64}}$")  # isolation's id alphabet, the REST API's 64 characters
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -241,6 +243,40 @@ def _peers(user: Any, group: Any) -> tuple[str | None, str | None, str | None, s
     return user_id, nickname, group_id, group_name
 
 
+def _inbound(
+    protocol: str,
+    msg_id: str | None,
+    info: Any,
+    segments: dict,
+    max_text_bytes: int,
+    user: Any,
+    group: Any,
+    *,
+    default_time: bool = False,
+) -> Inbound:
+    """The `Inbound` of a parsed message's info (either protocol's `BaseMessageInfo`) and segments.
+    A legacy message may leave out its time (`default_time`: now)."""
+    platform = _platform(info.platform)
+    message_id = _message_id(info.message_id)
+    timestamp = time.time() if default_time and info.time is None else _time(info.time)
+    text = segment_text(segments, max_text_bytes)
+    user_id, nickname, group_id, group_name = _peers(user, group)
+    return Inbound(
+        protocol=protocol,
+        msg_id=msg_id,
+        message_id=message_id,
+        platform=platform,
+        time=timestamp,
+        text=text,
+        segments=segments,
+        user_id=user_id,
+        nickname=nickname,
+        group_id=group_id,
+        group_name=group_name,
+        reply_to=_reply_to(segments),
+    )
+
+
 # -- API-Server --------------------------------------------------------------------------------
 def parse_envelope(data: Any) -> Envelope:
     """The envelope's type and msg_id; raises `BadInput` for something that is not an envelope."""
@@ -269,28 +305,8 @@ def parse_api_message(envelope: Envelope, data: dict, max_text_bytes: int) -> In
         raise BadInput("invalid_payload", f"invalid APIMessageBase: {exc}") from None
     info = message.message_info
     sender = info.sender_info
-    platform = _platform(info.platform)
-    message_id = _message_id(info.message_id)
-    timestamp = _time(info.time)
-    segments = payload["message_segment"]
-    text = segment_text(segments, max_text_bytes)
-    user_id, nickname, group_id, group_name = _peers(
-        sender.user_info if sender else None, sender.group_info if sender else None
-    )
-    return Inbound(
-        protocol=API,
-        msg_id=envelope.msg_id,
-        message_id=message_id,
-        platform=platform,
-        time=timestamp,
-        text=text,
-        segments=segments,
-        user_id=user_id,
-        nickname=nickname,
-        group_id=group_id,
-        group_name=group_name,
-        reply_to=_reply_to(segments),
-    )
+    user, group = (sender.user_info, sender.group_info) if sender else (None, None)
+    return _inbound(API, envelope.msg_id, info, payload["message_segment"], max_text_bytes, user, group)
 
 
 def build_ack(msg_id: str, connection_id: str) -> dict:
@@ -375,27 +391,9 @@ def parse_legacy_message(data: Any, max_text_bytes: int) -> Inbound:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BadInput("invalid_message", f"invalid MessageBase: {exc}") from None
     minfo = message.message_info
-    platform = _platform(minfo.platform)
-    message_id = _message_id(minfo.message_id)
-    timestamp = _time(minfo.time) if minfo.time is not None else time.time()
-    text = segment_text(segments, max_text_bytes)
     user = minfo.user_info or (minfo.sender_info.user_info if minfo.sender_info else None)
     group = minfo.group_info or (minfo.sender_info.group_info if minfo.sender_info else None)
-    user_id, nickname, group_id, group_name = _peers(user, group)
-    return Inbound(
-        protocol=LEGACY,
-        msg_id=None,
-        message_id=message_id,
-        platform=platform,
-        time=timestamp,
-        text=text,
-        segments=segments,
-        user_id=user_id,
-        nickname=nickname,
-        group_id=group_id,
-        group_name=group_name,
-        reply_to=_reply_to(segments),
-    )
+    return _inbound(LEGACY, None, minfo, segments, max_text_bytes, user, group, default_time=True)
 
 
 def build_legacy_reply(inbound: Inbound, *, reply_id: str, text: str, agent_name: str, metadata: dict) -> dict:

@@ -51,7 +51,7 @@ class SessionGuard:
         self.sessions: dict[str, Session] = {}
         self.unauthenticated = 0
         self.per_address: dict[str, int] = {}
-        # Closes an Engine.IO session without waiting for its client (set by replier.engine).
+        # Closes an Engine.IO session without waiting for its client (set by replier.outbox.server).
         self.close_engine_session: Callable[[str], Awaitable[None]] | None = None
         self._closing: set[asyncio.Task] = set()
 

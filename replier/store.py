@@ -4,8 +4,9 @@ A job is a plain function that uses the isolation library's scoped managers. A w
 waiting in the queue (up to `batch_max`), runs them in **one** write transaction, commits once and
 hands all results back to the event loop with a single `call_soon_threadsafe`. When a job raises, the
 batch is rolled back and re-run with one savepoint per job, so only the failing job fails. One commit
-per batch instead of per message is what makes this faster than a thread hop per query (see
-MAIM_PROTOCOL.md). On SQLite a separate thread checkpoints the WAL, so writers never wait for fsync.
+per batch instead of per message is what makes this faster than a thread hop per query: under load
+many messages share one commit. On SQLite a separate thread checkpoints the WAL, so writers never wait
+for fsync.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Store:
             except Exception:  # pragma: no cover - a PASSIVE checkpoint does not fail; the loop must outlive it
                 log.debug("WAL checkpoint failed", exc_info=True)
         try:
-            isolation_db.database.obj.close()
+            isolation_db.close_connection()
         except Exception:  # pragma: no cover - closing an idle SQLite connection at exit must not raise
             log.debug("closing the checkpoint connection failed", exc_info=True)
 
@@ -131,9 +132,7 @@ class Store:
             if stop_after:
                 break
         try:
-            database = isolation_db.database.obj
-            if database is not None and not database.is_closed():
-                database.close()
+            isolation_db.close_connection()
         except Exception:  # pragma: no cover - closing a pooled connection at exit must not raise
             log.debug("closing the worker's connection failed", exc_info=True)
 
@@ -160,7 +159,7 @@ class Store:
     def _run_optimistic(batch: list) -> list:
         """Every job in one transaction, no savepoints (the common case: nothing fails)."""
         results = []
-        with isolation_db.write_transaction():
+        with isolation_db.unit_of_work(write=True):  # each job binds its own tenant
             for fn, args, future in batch:
                 results.append((future, True, fn(*args)))
         return results
@@ -168,11 +167,10 @@ class Store:
     def _run_isolated(self, batch: list) -> list:
         results: list[tuple[asyncio.Future, bool, Any]] = []
         try:
-            with isolation_db.write_transaction():
-                database = isolation_db.database.obj
+            with isolation_db.unit_of_work(write=True):
                 for fn, args, future in batch:
                     try:
-                        with database.atomic():
+                        with isolation_db.unit_of_work(write=True):  # nested: a savepoint per job
                             value = fn(*args)
                         results.append((future, True, value))
                     except Exception as exc:
@@ -191,9 +189,7 @@ class Store:
     @staticmethod
     def _reset_connection() -> None:
         try:
-            database = isolation_db.database.obj
-            if database is not None and not database.is_closed():
-                database.close()
+            isolation_db.close_connection()
         except Exception:  # pragma: no cover - closing an already broken connection must not raise
             log.debug("resetting a broken connection failed", exc_info=True)
 

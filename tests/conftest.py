@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from isolation import db as isolation_db
-from isolation.testing import PostgresUnavailable, ProvisionedDatabase, provision_database
+from testsupport.databases import ProvisionedDatabase, leg_database
 
 DB_KIND = os.environ.get("MAITENANT_TEST_DB", "sqlite")
 
@@ -29,13 +29,8 @@ atexit.register(shutil.rmtree, _DATA_DIR, True)
 @pytest.fixture(scope="session")
 def provisioned() -> Iterator[ProvisionedDatabase]:
     """A fresh migrated database for the whole session (dropped at the end)."""
-    try:
-        with provision_database(DB_KIND) as database:
-            yield database
-    except PostgresUnavailable as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL leg needs a server: {exc}")
-        pytest.skip(f"PostgreSQL leg skipped: {exc}")
+    with leg_database(DB_KIND, in_ci=os.environ.get("CI", "").lower() == "true") as database:
+        yield database
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +44,4 @@ def configured_db(provisioned: ProvisionedDatabase):
     """The `isolation.db.database` proxy pointed at the session database, as the application role."""
     real = isolation_db.configure(provisioned.url, app_role=provisioned.app_role)
     yield real
-    real.close()
-    if hasattr(real, "close_all"):
-        real.close_all()
+    isolation_db.close_database()

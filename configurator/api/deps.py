@@ -12,9 +12,8 @@ the only way to get an `IsolationContext` or a `Scoped` for the tenant is throug
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -26,10 +25,8 @@ from configurator.core.db import connection
 from configurator.core.errors import forbidden, unauthorized
 from configurator.core.security import ACCESS, TokenError, TokenService
 from isolation import IsolationContext, NotFound, Scoped
-from isolation import db as isolation_db
-
-# Same alphabet as isolation's context ids: anything else cannot be one of our ids.
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+from isolation.context import is_id
+from isolation.db import unit_of_work
 
 ANY_ROLE: tuple[str, ...] = ("owner", "admin", "member")
 ADMIN: tuple[str, ...] = ("owner", "admin")
@@ -39,7 +36,7 @@ bearer = HTTPBearer(auto_error=False, description="access token from /api/v1/aut
 
 
 def valid_id(value: str) -> bool:
-    return bool(_ID_RE.match(value))
+    return is_id(value)  # isolation's id alphabet: anything else cannot be one of our ids
 
 
 def membership_role(account_id: str, tenant_id: str) -> str | None:
@@ -84,19 +81,14 @@ class Principal:
         """Open the connection, check the membership and the session (401 when gone or logged out)
         and the role (403), and yield.
 
-        Reads share one transaction on PostgreSQL (one tenant binding); `write=True` makes the whole
-        body one write transaction (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing).
+        The body is one `unit_of_work` of the tenant: reads share one transaction on PostgreSQL (one
+        tenant binding, sent with `BEGIN`) and none on SQLite; `write=True` makes the whole body one
+        write transaction (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing).
         """
         if not (valid_id(self.account_id) and valid_id(self.tenant_id) and valid_id(self.session_id)):
             raise unauthorized("invalid token")
         ctx = IsolationContext(self.tenant_id)
-        if write:
-            transaction = isolation_db.tenant_transaction(ctx.tenant_id, write=True)
-        elif isolation_db.is_postgres():  # BEGIN and the tenant binding in one round trip
-            transaction = isolation_db.tenant_transaction(ctx.tenant_id)
-        else:  # SQLite reads need no BEGIN/COMMIT round (and no tenant binding)
-            transaction = nullcontext()
-        with connection(), transaction:
+        with connection(), unit_of_work(ctx.tenant_id, write=write):
             try:
                 membership = Scoped(ctx).memberships.get_with_session(self.account_id, self.session_id)
             except NotFound:
@@ -142,14 +134,19 @@ CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 # ---- pagination -------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Pagination:
+    """`?limit=&offset=` of a list route, and the one place that builds its page body (`schemas.Page`)."""
+
     limit: int
     offset: int
 
-    def page(self, rows: list) -> tuple[list, int | None]:
-        """Rows were fetched with `limit + 1`: trim and tell the next offset (None on the last page)."""
-        if len(rows) > self.limit:
-            return rows[: self.limit], self.offset + self.limit
-        return rows, None
+    def body(self, items: object, *, more: bool) -> dict:
+        """The page as the API returns it: `items`, the window, and where the next page starts (null on the last)."""
+        next_offset = self.offset + self.limit if more else None
+        return {"items": items, "limit": self.limit, "offset": self.offset, "next_offset": next_offset}
+
+    def of(self, rows: list) -> dict:
+        """The page body of rows fetched with `limit + 1`: the extra row only says that another page exists."""
+        return self.body(rows[: self.limit], more=len(rows) > self.limit)
 
 
 async def pagination(

@@ -1,8 +1,10 @@
 """Configurator settings (pydantic-settings: environment variables or `.env`).
 
-`SECRET_KEY` signs JWTs (and, through `isolation.crypto`, derives the key that encrypts agents' LLM
-provider keys). Unset, the secret generated at first start in `DATA_DIR` is used (`isolation.secret`);
-the public development value of earlier versions and short keys are refused at start-up.
+The database and secret settings are the shared ones of `isolation.config.BaseServiceSettings`, which
+also refuses the public development value of earlier versions and short keys. `SECRET_KEY` signs JWTs
+(and, through `isolation.crypto`, derives the key that encrypts agents' LLM provider keys); unset, the
+secret generated at first start in `DATA_DIR` is resolved here, at start-up, so an unusable secret
+file stops the configurator before it serves anything.
 """
 
 from __future__ import annotations
@@ -12,29 +14,19 @@ from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from isolation.config import get_database_settings
-from isolation.secret import SecretSettings, UnsafeSecretError, check_secret_key, secret_from_data_dir
+from isolation.config import BaseServiceSettings
 
 API_PREFIX = "/api/v1"
 
 
-class UnsafeSettingsError(ValueError):
-    """The settings cannot be used in this environment (e.g. the default secret in production)."""
+class Settings(BaseServiceSettings):
+    """The shared settings (database, secret) plus the configurator's own."""
 
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-
+    # Narrower than the base: a misspelt ENVIRONMENT must not quietly serve the API docs in production.
     environment: Literal["development", "production"] = "development"
-    # Empty: the secret kept in DATA_DIR (generated at first start), the one the replier also uses.
-    secret_key: str = Field(default="", repr=False)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    # Empty means "the DATABASE_URL of isolation's settings" (sqlite:///data/maitenant.db by default).
-    database_url: str = ""
-    database_app_role: str | None = None
 
     jwt_issuer: str = "maitenant-configurator"
     jwt_audience: str = "maitenant-api"
@@ -87,14 +79,10 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     @model_validator(mode="after")
-    def _safe_for_environment(self) -> Settings:
-        try:
-            if self.secret_key:
-                check_secret_key(self.secret_key, self.environment)
-            else:
-                self.secret_key = secret_from_data_dir(SecretSettings().data_dir)
-        except UnsafeSecretError as exc:
-            raise UnsafeSettingsError(str(exc)) from None
+    def _resolve_signing_secret(self) -> Settings:
+        """JWTs are signed with `secret_key`: resolve the DATA_DIR secret now when SECRET_KEY is unset
+        (the base validator, which runs first, has checked a SECRET_KEY that is set)."""
+        self.secret_key = self.server_secret()  # UnsafeSecretError (a ValueError): a validation error
         return self
 
     @property
@@ -107,10 +95,6 @@ class Settings(BaseSettings):
         """FORWARDED_ALLOW_IPS when set to something (blank counts as unset)."""
         value = (self.forwarded_allow_ips or "").strip()
         return value or None
-
-    @property
-    def resolved_database_url(self) -> str:
-        return self.database_url or get_database_settings().database_url
 
 
 @lru_cache(maxsize=1)

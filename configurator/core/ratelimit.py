@@ -3,7 +3,7 @@
 The routes use three of them (configurator/api/routes/auth.py): failed logins per account, failed
 logins per client address, and registrations per client address. Keys are any hashable value.
 
-The state is "safe to lose" (DESIGN §6): a restart or another configurator process starts counting
+The state is "safe to lose": a restart or another configurator process starts counting
 afresh, which only makes the limit looser, never lets anyone in. With several processes behind a load
 balancer the effective limit is per process; a shared store (e.g. Redis) can replace this class
 without touching the routes.

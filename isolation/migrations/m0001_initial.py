@@ -1,4 +1,5 @@
-"""The initial schema: every table of DESIGN §1, portable DDL, plus row-level security on PostgreSQL."""
+"""The initial schema: accounts, tenants, memberships, refresh tokens, agent templates, agents, API keys,
+chat streams, messages, memories and LLM usage, in portable DDL, plus row-level security on PostgreSQL."""
 
 from __future__ import annotations
 

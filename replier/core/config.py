@@ -1,21 +1,25 @@
-"""Replier settings (pydantic-settings: environment variables or `.env`)."""
+"""Replier settings (pydantic-settings: environment variables or `.env`).
+
+The database, secret and outbound LLM policy settings (`DATABASE_URL`, `SECRET_KEY`, `DATA_DIR`,
+`LLM_BASE_URL`, `LLM_ALLOWED_HOSTS`, ...) are the shared ones of `isolation.config` and
+`isolation.egress`; this class adds what only the replier reads. A public or short `SECRET_KEY` fails
+validation here, so `python -m replier` refuses to start with it.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from isolation.config import DEFAULT_DATABASE_URL
+from isolation.egress import EgressSettings
 
 
-class ReplierSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+class ReplierSettings(EgressSettings):
+    """The shared settings (database, secret, outbound LLM policy) plus the replier's own."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8095, ge=0, le=65535)
-    database_url: str = DEFAULT_DATABASE_URL
     log_level: str = "info"
     ws_impl: str = Field(default="websockets-sansio", description="uvicorn websocket implementation")
 
@@ -48,9 +52,8 @@ class ReplierSettings(BaseSettings):
     context_cache_seconds: float = Field(default=5.0, ge=0, description="history/memory cache per stream; 0 = off")
     usage_flush_seconds: float = Field(default=5.0, gt=0)
 
-    # LLM (global default used when an agent's provider is "default")
+    # LLM (global default used when an agent's provider is "default"; LLM_BASE_URL is an EgressSettings field)
     llm_provider: str = Field(default="", description="openai | offline | empty (= offline)")
-    llm_base_url: str = ""
     llm_model: str = ""
     llm_api_key: str = ""
     llm_timeout_seconds: float = Field(default=30.0, gt=0)

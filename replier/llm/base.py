@@ -115,6 +115,26 @@ def resolve_provider_config(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class LlmDefaults:
+    """The operator's global LLM settings, filled into agents that leave theirs to the default."""
+
+    provider: str = ""
+    base_url: str = ""
+    model: str = ""
+    api_key: str = field(default="", repr=False)
+
+    def resolve(self, llm: LlmSettings, agent_api_key: str | None) -> ProviderConfig:
+        return resolve_provider_config(
+            llm,
+            agent_api_key,
+            default_provider=self.provider,
+            default_base_url=self.base_url,
+            default_model=self.model,
+            default_api_key=self.api_key,
+        )
+
+
 def persona_text(persona: Persona, agent_name: str) -> str:
     lines = [
         f"You are {agent_name}, a chat agent.",
@@ -155,3 +175,28 @@ def build_prompt(
             messages.append(ChatMessage("user", f"{sender}: {text}" if sender else text))
     messages.append(ChatMessage("user", f"{user_name}: {user_text}" if user_name else user_text))
     return messages
+
+
+def chat_request(
+    config: ProviderConfig,
+    persona: Persona,
+    agent_name: str,
+    memories: list[str],
+    history: list[tuple[str, str, str | None]],
+    user_text: str,
+    user_name: str | None,
+    *,
+    prompt: bool,
+) -> LlmRequest:
+    """The request answering one chat message with `config`. The structured fields are always set (the
+    offline responder reads them); the chat prompt is built only when `prompt` (a real model needs it)."""
+    messages = []
+    if prompt:
+        messages = build_prompt(
+            persona=persona, agent_name=agent_name, memories=memories, history=history, user_text=user_text,
+            user_name=user_name,
+        )  # fmt: skip
+    return LlmRequest(
+        messages, config.model, config.temperature, config.max_tokens, config.timeout,
+        persona, agent_name, memories, user_text, user_name,
+    )  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 
 from replier.llm.base import LlmRequest, LlmResult
 
@@ -33,6 +34,41 @@ def rule_memory(user_text: str, user_name: str | None = None) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class OfflineAnswer:
+    text: str
+    memory: str | None  # a memory line by `rule_memory`, not yet checked against the known ones
+
+
+def offline_answer(request: LlmRequest, *, keep_memory: bool) -> OfflineAnswer:
+    """The offline responder's reply and memory for one message: pure, so it runs anywhere (the
+    replier calls it inside the ingest job, in a database thread)."""
+    memory = rule_memory(request.user_text, request.user_name) if keep_memory else None
+    return OfflineAnswer(respond(request), memory)
+
+
+def respond(request: LlmRequest) -> str:
+    """The "[offline]" reply: the message echoed, with the persona and what is remembered."""
+    persona = request.persona
+    text = " ".join(request.user_text.split())
+    snippet = text if len(text) <= 120 else text[:117] + "..."
+    known_name = None
+    for memory in request.memories:
+        match = _MEMORY_NAME.search(memory)
+        if match:
+            known_name = match.group(1)
+            break
+    greeting = f"{known_name}, " if known_name else ""
+    parts = [f"[offline] {greeting}{request.agent_name} heard: \u201c{snippet}\u201d."]
+    if persona is not None:
+        parts.append(f"({persona.personality}; {persona.reply_style})")
+        if persona.interests:
+            parts.append(f"Ask me about {_pick(persona.interests, text)}.")
+    if request.memories:
+        parts.append(f"I remember {len(request.memories)} thing(s) about this chat.")
+    return " ".join(parts)
+
+
 def _pick(options: list[str], seed: str) -> str:
     digest = hashlib.sha256(seed.encode()).digest()
     return options[digest[0] % len(options)]
@@ -53,24 +89,7 @@ class OfflineProvider:
         )
 
     def respond(self, request: LlmRequest) -> str:
-        persona = request.persona
-        text = " ".join(request.user_text.split())
-        snippet = text if len(text) <= 120 else text[:117] + "..."
-        known_name = None
-        for memory in request.memories:
-            match = _MEMORY_NAME.search(memory)
-            if match:
-                known_name = match.group(1)
-                break
-        greeting = f"{known_name}, " if known_name else ""
-        parts = [f"[offline] {greeting}{request.agent_name} heard: \u201c{snippet}\u201d."]
-        if persona is not None:
-            parts.append(f"({persona.personality}; {persona.reply_style})")
-            if persona.interests:
-                parts.append(f"Ask me about {_pick(persona.interests, text)}.")
-        if request.memories:
-            parts.append(f"I remember {len(request.memories)} thing(s) about this chat.")
-        return " ".join(parts)
+        return respond(request)
 
     async def extract_memory(self, request: LlmRequest, reply: str) -> str | None:
         return rule_memory(request.user_text, request.user_name)

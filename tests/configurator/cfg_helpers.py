@@ -17,7 +17,6 @@ TEST_SECRET = "test-secret-key-for-the-configurator-suite-0123456789"
 def make_settings(provisioned, **overrides) -> Settings:
     values = {
         "database_url": provisioned.url,
-        "database_app_role": provisioned.app_role,
         "secret_key": TEST_SECRET,
         # Cheap Argon2 parameters keep the suite fast; the algorithm and code path are the real ones.
         "password_hash_time_cost": 1,
@@ -30,6 +29,8 @@ def make_settings(provisioned, **overrides) -> Settings:
         "register_rate_limit": 1_000_000,
         "max_body_bytes": 64 * 1024,
     }
+    if provisioned.app_role:  # PostgreSQL: the suite's role; SQLite has none (the setting's default is unused)
+        values["database_app_role"] = provisioned.app_role
     values.update(overrides)
     return Settings(**values)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cfg_helpers import PASSWORD, create_agent, create_key, login, member_of, seed_history
 
-from isolation.testing import table_counts, tenant_row_counts
+from testsupport.databases import table_counts, tenant_row_counts
 
 
 def _delete_me(client, user, password=PASSWORD):

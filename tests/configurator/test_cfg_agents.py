@@ -111,7 +111,7 @@ def test_llm_api_key_is_write_only_and_encrypted(client, owner):
     )
     assert agent["has_api_key"] is True
     assert provider_key not in str(agent)
-    stored = Scoped(owner.ctx).agents.llm_secret(agent["id"])
+    stored = Scoped(owner.ctx).agents.encrypted_api_key(agent["id"])
     assert stored != provider_key and decrypt_secret(stored) == provider_key
     for response in (
         client.get(f"/api/v1/agents/{agent['id']}", headers=owner.headers),
@@ -120,6 +120,7 @@ def test_llm_api_key_is_write_only_and_encrypted(client, owner):
     ):
         assert response.status_code == 200
         assert provider_key not in response.text and "llm_secret" not in response.text
+        assert "encrypted_api_key" not in response.text
     kept = client.get(f"/api/v1/agents/{agent['id']}", headers=owner.headers).json()
     assert kept["has_api_key"] is True and kept["llm"]["temperature"] == 0.2 and kept["llm"]["model"] == "gpt-x"
     # the key goes with the agent's own URL: without a key of its own the agent uses the operator's endpoint
@@ -127,7 +128,7 @@ def test_llm_api_key_is_write_only_and_encrypted(client, owner):
     cleared = client.patch(f"/api/v1/agents/{agent['id']}", json=clear, headers=owner.headers)
     assert cleared.status_code == 200, cleared.text
     assert cleared.json()["has_api_key"] is False
-    assert Scoped(owner.ctx).agents.llm_secret(agent["id"]) is None
+    assert Scoped(owner.ctx).agents.encrypted_api_key(agent["id"]) is None
     listed = client.get("/api/v1/agents", headers=owner.headers).json()["items"]
     assert [a["has_api_key"] for a in listed if a["id"] == agent["id"]] == [False]
 

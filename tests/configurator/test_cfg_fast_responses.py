@@ -51,6 +51,7 @@ def test_agent_page_matches_the_validated_single_agent_route(client):
         assert set(item) == set(single)
     assert [item["has_api_key"] for item in items] == [False, True, False, True, False]
     assert "sk-test" not in response.text and "llm_secret" not in response.text
+    assert "encrypted_api_key" not in response.text
 
 
 def test_agent_page_of_an_empty_tenant(client):

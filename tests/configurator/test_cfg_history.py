@@ -95,9 +95,9 @@ def test_isolation_additions_directly(client, owner, agent):
     plain = create_agent(client, owner)
     keyed = create_agent(client, owner, llm={"api_key": "sk-test"})
     rows = scoped.agents.list_with_key_flags(limit=100)
-    flags = {r["id"]: r["has_llm_key"] for r in rows}
+    flags = {r["id"]: r["has_api_key"] for r in rows}
     assert flags[plain["id"]] is False and flags[keyed["id"]] is True
-    assert all("llm_secret" not in r for r in rows)
+    assert all("llm_secret" not in r and "encrypted_api_key" not in r for r in rows)
     assert [r["id"] for r in rows] == [r["id"] for r in scoped.agents.list(limit=100)]
     assert [r["id"] for r in scoped.agents.list_with_key_flags(limit=1, offset=1)] == [rows[1]["id"]]
     from cfg_helpers import register

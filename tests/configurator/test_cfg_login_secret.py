@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from cfg_helpers import login, register
 
-from isolation.testing import _conninfo
+from testsupport.databases import _conninfo
 
 
 def test_login_and_me_work_while_the_app_role_cannot_read_hashes(client, provisioned):

@@ -18,7 +18,7 @@ from cfg_helpers import PASSWORD, unique
 
 from configurator.__main__ import uvicorn_options
 from configurator.core.config import Settings
-from isolation.servers import free_port, healthy, running_server
+from testsupport.servers import free_port, healthy, running_server
 
 
 @contextmanager

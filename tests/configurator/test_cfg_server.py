@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from isolation import system
-from isolation.servers import free_port, healthy, running_server
+from testsupport.servers import free_port, healthy, running_server
 
 
 @pytest.fixture

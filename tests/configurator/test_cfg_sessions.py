@@ -88,7 +88,7 @@ def test_an_expired_session_ends_its_access_tokens(client):
     user = register(client)
     jti = jwt.decode(user.refresh_token, options={"verify_signature": False})["jti"]
     assert Scoped(user.ctx).refresh_tokens.get(jti)["session_id"] == _sid(user.access_token)
-    with isolation_db.tenant_transaction(user.tenant_id, write=True):
+    with isolation_db.unit_of_work(user.tenant_id, write=True):
         expired = (
             RefreshToken.update(expires_at=utcnow())
             .where((RefreshToken.tenant_id == user.tenant_id) & (RefreshToken.jti == jti))

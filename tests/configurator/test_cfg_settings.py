@@ -37,6 +37,25 @@ def test_the_public_development_secret_and_short_keys_are_refused():
     assert "p" * 40 not in repr(ok)
 
 
+def test_both_backends_extend_one_settings_base(monkeypatch):
+    """One base reads the shared names: the replier's settings refuse what the configurator's refuse."""
+    from isolation.config import BaseServiceSettings
+    from isolation.egress import EgressSettings
+    from replier.core.config import ReplierSettings
+
+    assert issubclass(Settings, BaseServiceSettings) and issubclass(ReplierSettings, EgressSettings)
+    for backend in (Settings, ReplierSettings):
+        with pytest.raises(ValidationError, match="public development value"):
+            backend(_env_file=None, secret_key=PUBLIC_DEV_SECRET)
+        with pytest.raises(ValidationError, match="at least 32"):
+            backend(_env_file=None, environment="production", secret_key="s" * 20)
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///shared.db")
+    monkeypatch.setenv("LLM_ALLOWED_HOSTS", "10.0.0.7")
+    replier = ReplierSettings(_env_file=None, secret_key="r" * 32)
+    assert replier.database_url == Settings(_env_file=None, secret_key="c" * 32).database_url == "sqlite:///shared.db"
+    assert replier.allowed.networks and "r" * 32 not in repr(replier)
+
+
 def test_without_secret_key_the_generated_secret_of_data_dir_signs(tmp_path, monkeypatch):
     monkeypatch.delenv("SECRET_KEY", raising=False)
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
@@ -96,7 +115,7 @@ def test_health_reports_the_database(client, settings):
     assert response.status_code == 200
     assert response.json() == {
         "status": "ok",
-        "database": settings.resolved_database_url.split(":")[0],
+        "database": settings.database_url.split(":")[0],
         "schema_version": response.json()["schema_version"],
     }
     assert response.json()["schema_version"] >= 1

@@ -30,8 +30,7 @@ AWKWARD_TEXT = [
 
 def _expected(row: dict) -> dict:
     """What a row of `list_with_key_flags()` must look like in the JSON page."""
-    out = {k: v for k, v in row.items() if k not in ("tenant_id", "has_llm_key")}
-    out["has_api_key"] = row["has_llm_key"]
+    out = {k: v for k, v in row.items() if k != "tenant_id"}
     return out
 
 
@@ -54,7 +53,7 @@ def awkward_tenant(db):
             persona={"personality": text, "nested": {"list": [1, 2.5, None, True, text]}, "big": 2**62},
             config={"chat": {"reply_mode": "always"}, "note": text},
             llm={"provider": "offline", "model": text},
-            llm_secret="encrypted-blob" if i % 3 == 0 else None,
+            encrypted_api_key="encrypted-blob" if i % 3 == 0 else None,
             template_id="creative_companion" if i % 2 else None,
         )
     return scoped
@@ -63,7 +62,7 @@ def awkward_tenant(db):
 def test_page_json_agrees_with_the_rows_on_every_page(awkward_tenant):
     rows = awkward_tenant.agents.list_with_key_flags(limit=100)
     assert len(rows) == len(AWKWARD_TEXT)
-    assert [r["has_llm_key"] for r in rows] == [i % 3 == 0 for i in range(len(AWKWARD_TEXT))]
+    assert [r["has_api_key"] for r in rows] == [i % 3 == 0 for i in range(len(AWKWARD_TEXT))]
     for limit in (1, 3, len(AWKWARD_TEXT), 50):
         for offset in range(0, len(AWKWARD_TEXT) + 2):
             text, more = awkward_tenant.agents.page_json(limit=limit, offset=offset)
@@ -75,7 +74,7 @@ def test_page_json_agrees_with_the_rows_on_every_page(awkward_tenant):
 def test_page_json_is_exact_for_timestamps_without_microseconds(awkward_tenant, monkeypatch):
     """SQLite stores a whole second as text without a fraction; the page must still be ISO "...Z"."""
     whole_second = datetime(2030, 1, 2, 3, 4, 5)
-    monkeypatch.setattr("isolation.scoped.utcnow", lambda: whole_second)
+    monkeypatch.setattr("isolation.managers.agents.utcnow", lambda: whole_second)
     agent = awkward_tenant.agents.list(limit=1)[0]
     awkward_tenant.agents.update(agent["id"], description="touched")
     text, _ = awkward_tenant.agents.page_json(limit=1)

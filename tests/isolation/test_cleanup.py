@@ -20,8 +20,8 @@ from isolation.cleanup import (
     plan_prefix_cleanup,
 )
 from isolation.models import TENANT_TABLES
-from isolation.testing import table_counts, tenant_row_counts
 from tests.isolation.conftest import make_tenant
+from testsupport.databases import table_counts, tenant_row_counts
 
 
 def _populate(tenant_id: str, agent_ids: list[str], messages: int = 3) -> None:

@@ -15,9 +15,9 @@ import pytest
 from isolation import IsolationContext, NotFound, Scoped
 from isolation.cleanup import delete_agent_history
 from isolation.ids import utcnow
-from isolation.scoped import _Manager
-from isolation.testing import table_counts
+from isolation.managers import TableManager
 from tests.isolation.conftest import make_tenant
+from testsupport.databases import table_counts
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ CALLS = {
     ("agents", "get"): lambda s, a: s.agents.get(a["agent"]),
     ("agents", "update"): lambda s, a: s.agents.update(a["agent"], name="stolen"),
     ("agents", "delete"): lambda s, a: s.agents.delete(a["agent"]),
-    ("agents", "llm_secret"): lambda s, a: s.agents.llm_secret(a["agent"]),
+    ("agents", "encrypted_api_key"): lambda s, a: s.agents.encrypted_api_key(a["agent"]),
     ("agents", "version"): lambda s, a: s.agents.version(a["agent"]),
     ("api_keys", "get"): lambda s, a: s.api_keys.get(a["key"]),
     ("api_keys", "delete"): lambda s, a: s.api_keys.delete(a["key"]),
@@ -116,7 +116,7 @@ NO_ID = {
 }
 
 
-def _public_methods(manager: _Manager) -> set[str]:
+def _public_methods(manager: TableManager) -> set[str]:
     return {name for name, _ in inspect.getmembers(type(manager), inspect.isfunction) if not name.startswith("_")}
 
 

@@ -7,8 +7,8 @@ import pytest
 from isolation import migrate
 from isolation.db import make_database
 from isolation.errors import SchemaVersionError
-from isolation.testing import provision_database
 from tests.conftest import DB_KIND
+from testsupport.databases import provision_database
 
 EXPECTED_TABLES = {
     "accounts",

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from isolation import migrate, system
-from isolation.testing import _conninfo
 from tests.conftest import DB_KIND
+from testsupport.databases import _conninfo
 
 needs_postgres = pytest.mark.skipif(
     DB_KIND != "postgresql", reason="column privileges and SECURITY DEFINER functions exist on PostgreSQL only"
@@ -95,6 +95,8 @@ def test_login_lookup_needs_the_exact_name_and_prefers_the_username(db):
 @needs_postgres
 def test_the_app_role_can_no_longer_list_tenants_by_name(provisioned, db):
     """Cleanup stopped matching tenant names (customers choose them): the old lookup is retired."""
-    with psycopg.connect(_conninfo(provisioned.url), autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
-            conn.execute("SELECT * FROM mt_tenants_with_prefix('it_')")
+    with (
+        psycopg.connect(_conninfo(provisioned.url), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"),
+    ):
+        conn.execute("SELECT * FROM mt_tenants_with_prefix('it_')")

@@ -27,29 +27,33 @@ def streams(db):
     }
 
 
-def test_module_functions_store_and_read_only_their_stream(streams):
+def test_sessions_store_and_read_only_their_stream(streams):
     a, b = streams["a"], streams["b"]
-    with isolation_db.write_transaction():
-        assert fastpath.insert_message(a, message_id="m1", direction="in", text="hi", segments=[{"t": "文"}])
-        assert not fastpath.insert_message(a, message_id="m1", direction="in", text="replayed", segments=[])
-        assert fastpath.insert_message(
-            a, message_id="m2", direction="out", text="yo", segments=[], sender_user_id="bot", reply_to="m1"
+    with isolation_db.unit_of_work(write=True):
+        assert fastpath.ChatSession(a).insert_message(
+            message_id="m1", direction="in", text="hi", segments=[{"t": "文"}]
         )
-        fastpath.record_usage(a, provider="offline", model="offline", outcome="offline", prompt_tokens=3)
+        assert not fastpath.ChatSession(a).insert_message(message_id="m1", direction="in", text="replayed", segments=[])
+        assert fastpath.ChatSession(a).insert_message(
+            message_id="m2", direction="out", text="yo", segments=[], sender_user_id="bot", reply_to="m1"
+        )
+        fastpath.ChatSession(a).record_usage(provider="offline", model="offline", outcome="offline", prompt_tokens=3)
         # Same message id in another tenant's stream and in a sibling agent's stream: separate rows.
-        assert fastpath.insert_message(b, message_id="m1", direction="in", text="b's", segments=[])
-        assert fastpath.insert_message(streams["a_other_agent"], message_id="m1", direction="in", text="x", segments=[])
-    with isolation_db.write_transaction():
-        assert fastpath.message_text(a, "m1") == "hi"
-        assert fastpath.message_text(b, "m1") == "b's"
-        assert fastpath.message_text(a, "missing") is None
-        recent = fastpath.recent_messages(a, 10)
+        assert fastpath.ChatSession(b).insert_message(message_id="m1", direction="in", text="b's", segments=[])
+        assert fastpath.ChatSession(streams["a_other_agent"]).insert_message(
+            message_id="m1", direction="in", text="x", segments=[]
+        )
+    with isolation_db.unit_of_work(write=True):
+        assert fastpath.ChatSession(a).message_text("m1") == "hi"
+        assert fastpath.ChatSession(b).message_text("m1") == "b's"
+        assert fastpath.ChatSession(a).message_text("missing") is None
+        recent = fastpath.ChatSession(a).recent_messages(10)
         assert [(m["message_id"], m["direction"], m["text"]) for m in recent] == [
             ("m1", "in", "hi"),
             ("m2", "out", "yo"),
         ]
         assert recent[1]["sender_user_id"] == "bot"
-        assert fastpath.recent_messages(a, 0) == []
+        assert fastpath.ChatSession(a).recent_messages(0) == []
     stored = Scoped(a).messages.by_message_id("m1")
     assert stored["segments"] == [{"t": "文"}] and stored["tenant_id"] == a.tenant_id
     usage = Scoped(a).llm_usage.list()
@@ -68,16 +72,16 @@ def test_memories_visible_in_a_chat_are_agent_platform_and_chat_wide_only(stream
     Scoped(IsolationContext(a.tenant_id, a.agent_id, "wechat")).memories.add("wechat wide", level="platform")
     Scoped(streams["a_other_agent"]).memories.add("sibling agent", level="chat")
     Scoped(streams["b"]).memories.add("tenant b", level="chat")
-    with isolation_db.read_transaction():
-        assert sorted(fastpath.relevant_memories(a, 10)) == ["agent wide", "qq wide", "this chat"]
-        assert len(fastpath.relevant_memories(a, 2)) == 2
-        assert fastpath.relevant_memories(a, 0) == []
-        assert fastpath.relevant_memories(streams["b"], 10) == ["tenant b"]
+    with isolation_db.unit_of_work(write=True):
+        assert sorted(fastpath.ChatSession(a).relevant_memories(10)) == ["agent wide", "qq wide", "this chat"]
+        assert len(fastpath.ChatSession(a).relevant_memories(2)) == 2
+        assert fastpath.ChatSession(a).relevant_memories(0) == []
+        assert fastpath.ChatSession(streams["b"]).relevant_memories(10) == ["tenant b"]
 
 
 def test_reply_with_usage_writes_both_rows_in_the_stream(streams):
     a = streams["a"]
-    with isolation_db.write_transaction():
+    with isolation_db.unit_of_work(write=True):
         session = fastpath.ChatSession(a)
         session.insert_reply_with_usage(
             {"message_id": "r1", "direction": "out", "text": "answer", "segments": [], "sender_nickname": "bot"},
@@ -100,7 +104,7 @@ def test_reply_with_usage_writes_both_rows_in_the_stream(streams):
 
 def test_bad_input_and_wrong_context_are_refused_before_any_write(streams):
     a = streams["a"]
-    with isolation_db.write_transaction():
+    with isolation_db.unit_of_work(write=True):
         session = fastpath.ChatSession(a)
         with pytest.raises(ValueError, match="direction"):
             session.insert_message(message_id="x", direction="sideways", text="t", segments=[])
@@ -108,10 +112,10 @@ def test_bad_input_and_wrong_context_are_refused_before_any_write(streams):
             session.insert_message(message_id="x", direction="in", text="t", segments=[], sender_nickname="a\x00")
     assert Scoped(a).messages.count() == 0
     for too_wide in (IsolationContext(a.tenant_id), IsolationContext(a.tenant_id, a.agent_id, "qq")):
-        with isolation_db.write_transaction(), pytest.raises(IsolationViolationError):
+        with isolation_db.unit_of_work(write=True), pytest.raises(IsolationViolationError):
             fastpath.ChatSession(too_wide)
     with pytest.raises(RuntimeError, match="inside a transaction"):
-        fastpath.message_text(a, "x")
+        fastpath.ChatSession(a).message_text("x")
 
 
 def test_an_unconfigured_database_is_reported(streams):

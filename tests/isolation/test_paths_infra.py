@@ -20,17 +20,17 @@ from pydantic import ValidationError
 from isolation import IsolationContext, Scoped, crypto, migrate, system
 from isolation import db as isolation_db
 from isolation.agent_config import LlmSettings, Persona
-from isolation.config import get_database_settings
+from isolation.config import get_base_settings
 from isolation.db import make_database, parse_database_url
-from isolation.testing import (
+from tests.conftest import DB_KIND
+from tests.isolation.conftest import make_tenant
+from testsupport.databases import (
     PostgresUnavailable,
     _conninfo,
     _with_db_and_user,
     postgres_available,
     provision_database,
 )
-from tests.conftest import DB_KIND
-from tests.isolation.conftest import make_tenant
 
 PUBLIC_DEV_SECRET = "maitenant-development-secret-change-me"  # the default of earlier versions
 needs_postgres = pytest.mark.skipif(DB_KIND != "postgresql", reason="needs the PostgreSQL leg")
@@ -172,16 +172,16 @@ def test_configure_closes_the_previous_database(detached_proxy, tmp_path):
 def test_an_unconfigured_proxy_configures_itself_from_the_settings(detached_proxy, tmp_path, monkeypatch):
     path = tmp_path / "from_settings.db"
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{path}")
-    get_database_settings.cache_clear()
+    get_base_settings.cache_clear()
     try:
-        with isolation_db.read_transaction():
+        with isolation_db.unit_of_work():
             assert isolation_db.database.execute_sql("SELECT 1").fetchone()[0] == 1
         assert isinstance(isolation_db.database.obj, SqliteDatabase)
         assert isolation_db.database.obj.database == str(path)
         assert path.exists()
     finally:
         monkeypatch.undo()
-        get_database_settings.cache_clear()
+        get_base_settings.cache_clear()
 
 
 @needs_postgres
@@ -211,7 +211,7 @@ def test_a_plain_pooled_postgresql_database_also_binds_the_tenant(two_tenants, d
     isolation_db.database.initialize(plain)
     try:
         assert isolation_db.is_postgres()
-        with isolation_db.write_transaction():
+        with isolation_db.unit_of_work(write=True):
             isolation_db.bind_tenant(tenant_a)
             setting = plain.execute_sql("SELECT current_setting('app.tenant_id', true)").fetchone()[0]
             agents = plain.execute_sql("SELECT tenant_id, id FROM agents").fetchall()

@@ -9,7 +9,7 @@ import pytest
 from isolation import IsolationContext, IsolationViolationError, NotFound, Scoped, system
 from isolation.cleanup import delete_tenant
 from isolation.ids import utcnow
-from isolation.scoped import MAX_PAGE, AgentManager, MessageManager
+from isolation.managers import MAX_PAGE, AgentManager, MessageManager
 from tests.isolation.conftest import make_tenant
 
 
@@ -22,6 +22,14 @@ def tenant(db):
 def _stream(tenant_id: str, agent_id: str, group_id: str) -> IsolationContext:
     row = Scoped(IsolationContext(tenant_id, agent_id, "qq")).chat_streams.get_or_create(group_id=group_id)
     return IsolationContext(tenant_id, agent_id, "qq", row["id"])
+
+
+def test_scoped_builds_each_manager_once_and_knows_no_others():
+    scoped = Scoped(IsolationContext("ten_abc"))
+    assert scoped.agents is scoped.agents and isinstance(scoped.agents, AgentManager)
+    assert scoped.messages.ctx is scoped.ctx
+    with pytest.raises(AttributeError, match="agent"):
+        scoped.agent  # noqa: B018 - the attribute access is the test
 
 
 @pytest.mark.parametrize("not_a_context", ["ten_abc", None, {"tenant_id": "ten_abc"}])

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(DB_KIND != "postgresql", reason="row-level secur
 
 
 def _raw(url_kind):
-    from isolation.testing import _conninfo
+    from testsupport.databases import _conninfo
 
     return psycopg.connect(_conninfo(url_kind), autocommit=True)
 

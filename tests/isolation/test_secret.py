@@ -10,16 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from isolation import secret
-from isolation.secret import (
-    SECRET_FILE_NAME,
-    SecretSettings,
-    UnsafeSecretError,
-    check_secret_key,
-    resolve_secret_key,
-    secret_from_data_dir,
-)
+from isolation.config import BaseServiceSettings, get_base_settings
+from isolation.secret import SECRET_FILE_NAME, UnsafeSecretError, check_secret_key, secret_from_data_dir
 
 PUBLIC_DEV_SECRET = "maitenant-development-secret-change-me"  # the default of earlier versions
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +40,7 @@ def test_an_existing_data_dir_is_used_as_it_is(tmp_path):
     tmp_path.chmod(0o755)
     value = secret_from_data_dir(tmp_path)
     assert _mode(tmp_path) == 0o755 and _mode(tmp_path / SECRET_FILE_NAME) == 0o600
-    assert resolve_secret_key(SecretSettings(secret_key="", data_dir=tmp_path)) == value
+    assert BaseServiceSettings(_env_file=None, secret_key="", data_dir=tmp_path).server_secret() == value
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
@@ -104,10 +98,13 @@ def test_a_data_dir_that_cannot_be_created_says_what_to_do(tmp_path):
 
 
 def test_secret_key_when_set_wins_and_is_checked():
-    assert resolve_secret_key(SecretSettings(secret_key="s" * 20, data_dir="/nonexistent")) == "s" * 20
+    settings = BaseServiceSettings(_env_file=None, secret_key="s" * 20, data_dir="/nonexistent")
+    assert settings.server_secret() == "s" * 20
     for environment in ("development", "production"):
-        with pytest.raises(UnsafeSecretError, match="public development value"):
-            resolve_secret_key(SecretSettings(secret_key=PUBLIC_DEV_SECRET, environment=environment))
+        with pytest.raises(ValidationError, match="public development value"):
+            BaseServiceSettings(_env_file=None, secret_key=PUBLIC_DEV_SECRET, environment=environment)
+    with pytest.raises(ValidationError, match="ENVIRONMENT=production needs a SECRET_KEY of at least 32"):
+        BaseServiceSettings(_env_file=None, secret_key="s" * 20, environment="production")
     with pytest.raises(UnsafeSecretError, match="MaiTenant needs a SECRET_KEY of at least 16"):
         check_secret_key("short")
     with pytest.raises(UnsafeSecretError, match="ENVIRONMENT=production needs a SECRET_KEY of at least 32"):
@@ -115,17 +112,18 @@ def test_secret_key_when_set_wins_and_is_checked():
     assert check_secret_key("p" * 32, "production") == "p" * 32
 
 
-def test_get_secret_key_reads_the_environment_once(tmp_path, monkeypatch):
+def test_the_base_settings_read_the_environment_once(tmp_path, monkeypatch):
     monkeypatch.delenv("SECRET_KEY", raising=False)
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
-    secret.get_secret_key.cache_clear()
+    get_base_settings.cache_clear()
     try:
-        value = secret.get_secret_key()
+        value = get_base_settings().server_secret()
         assert value == (tmp_path / SECRET_FILE_NAME).read_text().strip()
         monkeypatch.setenv("SECRET_KEY", "changed-later-0123456789abcdef")
-        assert secret.get_secret_key() == value
+        assert get_base_settings().server_secret() == value
+        assert "changed-later" not in repr(BaseServiceSettings())  # never in a log line
     finally:
-        secret.get_secret_key.cache_clear()
+        get_base_settings.cache_clear()
 
 
 _RACER = """

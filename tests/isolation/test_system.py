@@ -115,10 +115,10 @@ def test_agent_update_bumps_version_and_hides_the_secret(db):
     tenant, agents, _ = make_tenant(1)
     agents_mgr = Scoped(IsolationContext(tenant)).agents
     assert agents_mgr.version(agents[0]) == 1
-    updated = agents_mgr.update(agents[0], description="new", llm_secret="encrypted-blob")
+    updated = agents_mgr.update(agents[0], description="new", encrypted_api_key="encrypted-blob")
     assert updated["version"] == 2 and updated["description"] == "new"
-    assert "llm_secret" not in updated
-    assert agents_mgr.llm_secret(agents[0]) == "encrypted-blob"
+    assert "encrypted_api_key" not in updated and "llm_secret" not in updated
+    assert agents_mgr.encrypted_api_key(agents[0]) == "encrypted-blob"
     with pytest.raises(ValueError, match="cannot update"):
         agents_mgr.update(agents[0], tenant_id="ten_other")
 

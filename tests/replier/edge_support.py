@@ -8,7 +8,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,8 +15,6 @@ from collections.abc import Iterator
 import httpx
 import websocket
 from replier_support import ReplierProcess
-
-from isolation.servers import ServerNotReady, healthy, wait_http
 
 EIO = "EIO=4&transport=polling"
 
@@ -48,21 +45,11 @@ class LimitedReplier(ReplierProcess):
     def __init__(self, *args, nofile: int, **env: str) -> None:
         super().__init__(*args, **env)
         self.nofile = nofile
-
-    def start(self, timeout: float = 20.0) -> LimitedReplier:
-        with open(self.log.name, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _LIMITED, str(self.nofile)], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        try:
-            wait_http(f"{self.http}/health", self.proc, timeout, ok=healthy, name="replier", interval=0.05)
-        except ServerNotReady as exc:
-            raise RuntimeError(f"{exc}:\n{self.logs()}") from None
-        return self
+        self.cmd = [sys.executable, "-c", _LIMITED, str(nofile)]
 
     def fds(self) -> int:
-        assert self.proc is not None
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        assert self.process is not None
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
 
 def health(server: ReplierProcess) -> dict:

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-import threading
 import time
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from testsupport.servers import ThreadedServer
 
 
 class FakeOpenAI:
@@ -34,10 +33,13 @@ class FakeOpenAI:
         self.requests: list[dict] = []
         self.authorizations: list[str | None] = []
         self.redirected: list[str] = []
-        self.port = _free_port()
+        routes = [
+            Route("/v1/chat/completions", self._completions, methods=["POST"]),
+            Route("/v1/redirected", self._redirected, methods=["GET", "POST"]),
+        ]
+        self._server = ThreadedServer(Starlette(routes=routes), name="fake-openai")
+        self.port = self._server.port
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
 
     async def _completions(self, request: Request) -> Response:
         body = await request.json()
@@ -86,31 +88,8 @@ class FakeOpenAI:
         return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": "followed"}}]})
 
     def start(self) -> FakeOpenAI:
-        app = Starlette(
-            routes=[
-                Route("/v1/chat/completions", self._completions, methods=["POST"]),
-                Route("/v1/redirected", self._redirected, methods=["GET", "POST"]),
-            ]
-        )
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="fake-openai", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake OpenAI server did not start")
-            time.sleep(0.02)
+        self._server.start(timeout=10)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(5)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        self._server.stop(timeout=5)

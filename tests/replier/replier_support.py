@@ -26,20 +26,20 @@ from maim_message.ws_config import ClientConfig
 
 from isolation import IsolationContext, Scoped, system
 from isolation.crypto import encrypt_secret
-from isolation.servers import ServerNotReady, free_port, healthy, log_tail, spawn, stop_process, wait_http
+from testsupport.servers import ServerProcess, free_port
 
 logging.getLogger("maim_message").setLevel(logging.WARNING)
 
 WAIT = 10.0
 
 
-class ReplierProcess:
+class ReplierProcess(ServerProcess):
     """`python -m replier` on a free port; logs go to a file shown when a test fails."""
 
     def __init__(self, database_url: str, app_role: str | None, port: int | None = None, **env: str) -> None:
         self.port = port or free_port()
-        self.env = dict(os.environ)
-        self.env.update(
+        settings = dict(os.environ)
+        settings.update(
             DATABASE_URL=database_url,
             PORT=str(self.port),
             HOST="127.0.0.1",
@@ -55,10 +55,15 @@ class ReplierProcess:
             LLM_ALLOWED_HOSTS="127.0.0.1",
         )
         if app_role:
-            self.env["DATABASE_APP_ROLE"] = app_role
-        self.env.update(env)
-        self.log = tempfile.NamedTemporaryFile(prefix="replier-", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc: subprocess.Popen | None = None
+            settings["DATABASE_APP_ROLE"] = app_role
+        settings.update(env)
+        fd, log_path = tempfile.mkstemp(prefix="replier-", suffix=".log")
+        os.close(fd)
+        health = f"http://127.0.0.1:{self.port}/health"
+        super().__init__(
+            "replier", [sys.executable, "-m", "replier"], env=settings, log_path=log_path, health_url=health
+        )
+        self.env: dict[str, str] = settings
 
     @property
     def url(self) -> str:
@@ -68,26 +73,25 @@ class ReplierProcess:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The name these tests use for `process`."""
+        return self.process
+
     def start(self, timeout: float = 20.0) -> ReplierProcess:
-        """Start (or restart: the log is appended to) and wait for /health; RuntimeError with the log if
-        it exits first or is not healthy in `timeout`."""
-        self.proc = spawn([sys.executable, "-m", "replier"], env=self.env, log_path=self.log.name)
-        try:
-            wait_http(f"{self.http}/health", self.proc, timeout, ok=healthy, name="replier", interval=0.05)
-        except ServerNotReady as exc:  # "replier exited with <code> while starting" or "... not ready ..."
-            raise RuntimeError(f"{exc}:\n{self.logs()}") from None
+        """Start (or restart: the log is appended to) and wait for /health; ServerNotReady (a
+        RuntimeError) with the log if it exits first or is not healthy in `timeout`."""
+        super().start()
+        self.wait_healthy(timeout, interval=0.05, log_chars=20000)
         return self
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> int | None:
-        return stop_process(self.proc, sig, timeout) if self.proc is not None else None
-
     def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(5)
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(5)
 
     def logs(self) -> str:
-        return log_tail(self.log.name, 20000)
+        return self.log_tail(20000)
 
 
 @dataclass
@@ -137,7 +141,7 @@ def make_tenant(
         persona=persona or {},
         config=config or {},
         llm=llm or {},
-        llm_secret=encrypt_secret(llm_key) if llm_key else None,
+        encrypted_api_key=encrypt_secret(llm_key) if llm_key else None,
     )
     row, secret = Scoped(tctx).api_keys.create(agent["id"], name="test key")
     return TenantAgent(tenant["id"], agent["id"], row["id"], secret)

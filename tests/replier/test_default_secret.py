@@ -18,7 +18,7 @@ import pytest
 from fake_openai import FakeOpenAI
 from replier_support import MaimClient, ReplierProcess, api_message, run
 
-from isolation.servers import free_port, healthy, running_server
+from testsupport.servers import free_port, healthy, running_server
 
 PUBLIC_DEV_SECRET = "maitenant-development-secret-change-me"  # the default of earlier versions
 TENANT_LLM_KEY = "sk-tenant-own-key-" + secrets.token_hex(8)

@@ -20,7 +20,7 @@ def test_fastpath_is_scoped_idempotent_and_transactional(configured_db):
     a, b = make_tenant(), make_tenant()
     a_ctx, a_other = _stream(a, "u1"), _stream(a, "u2")
     b_ctx = _stream(b, "u1")
-    with isolation_db.write_transaction():
+    with isolation_db.unit_of_work(write=True):
         session = fastpath.ChatSession(a_ctx)
         assert session.insert_message(message_id="m1", direction="in", text="hello", segments={"type": "text"})
         assert not session.insert_message(message_id="m1", direction="in", text="again", segments={})
@@ -29,19 +29,19 @@ def test_fastpath_is_scoped_idempotent_and_transactional(configured_db):
     Scoped(a_other).memories.add("other chat only", level="chat", source="test")
     Scoped(a_ctx).memories.add("this chat", level="chat", source="test")
     Scoped(a.ctx).memories.add("agent wide", level="agent", source="test")
-    with isolation_db.write_transaction():
+    with isolation_db.unit_of_work(write=True):
         session = fastpath.ChatSession(a_ctx)
         assert [m["message_id"] for m in session.recent_messages(10)] == ["m1", "m2"]
         assert [m["text"] for m in session.recent_messages(1)] == ["hi"]
         assert session.message_text("m1") == "hello"
         assert sorted(session.relevant_memories(10)) == ["agent wide", "this chat"]
         # Tenant B's identical platform/user and a forged context naming A's stream see nothing of A.
-        assert fastpath.recent_messages(b_ctx, 10) == []
+        assert fastpath.ChatSession(b_ctx).recent_messages(10) == []
         forged = IsolationContext(b.tenant_id, b.agent_id, "qq", a_ctx.chat_stream_id)
-        assert fastpath.recent_messages(forged, 10) == []
-        assert fastpath.message_text(forged, "m1") is None
-        assert fastpath.relevant_memories(b_ctx, 10) == []
-    with isolation_db.write_transaction():
+        assert fastpath.ChatSession(forged).recent_messages(10) == []
+        assert fastpath.ChatSession(forged).message_text("m1") is None
+        assert fastpath.ChatSession(b_ctx).relevant_memories(10) == []
+    with isolation_db.unit_of_work(write=True):
         fastpath.ChatSession(a_ctx).insert_reply_with_usage(
             {"message_id": "m3", "direction": "out", "text": "bye", "segments": {}},
             {"provider": "openai", "model": "m", "outcome": "error", "error": "HTTP 500"},
@@ -54,6 +54,6 @@ def test_fastpath_is_scoped_idempotent_and_transactional(configured_db):
     with pytest.raises(IsolationViolationError):
         fastpath.ChatSession(IsolationContext(a.tenant_id, a.agent_id, "qq"))
     with pytest.raises(RuntimeError):
-        fastpath.recent_messages(a_ctx, 5)  # outside a transaction
-    with isolation_db.write_transaction(), pytest.raises(ValueError):
-        fastpath.insert_message(a_ctx, message_id="nul", direction="in", text="a\x00b", segments={})
+        fastpath.ChatSession(a_ctx).recent_messages(5)  # outside a transaction
+    with isolation_db.unit_of_work(write=True), pytest.raises(ValueError):
+        fastpath.ChatSession(a_ctx).insert_message(message_id="nul", direction="in", text="a\x00b", segments={})

@@ -7,7 +7,7 @@ import signal
 from replier_support import MaimClient, ReplierProcess, api_message, make_tenant, run, wait_for
 
 from isolation import Scoped
-from replier.pipeline import FALLBACK_REPLY
+from replier.answer import FALLBACK_REPLY
 
 
 def _llm(fake_llm, model: str, timeout: float = 5.0) -> dict:

@@ -20,14 +20,16 @@ from replier_support import MaimClient, ReplierProcess, api_message, free_port, 
 from isolation import Scoped
 from isolation.agent_config import LlmSettings
 from isolation.egress import EgressRefused, EgressSettings, check_address, check_agent_llm
+from replier.answer import FALLBACK_REPLY
 from replier.connections import Connection, new_connection_id
 from replier.core.config import ReplierSettings
 from replier.llm import LlmError, LlmRequest, resolve_provider_config
 from replier.llm.guard import GuardedBackend, guarded_transport, system_resolver
 from replier.llm.openai import OpenAIProvider
 from replier.metrics import Metrics
-from replier.pipeline import FALLBACK_REPLY, Replier
+from replier.outbox import Outbox
 from replier.protocol import API, Inbound
+from replier.service import Replier
 from replier.store import Store
 
 OPERATOR_KEY = "sk-operator-" + uuid.uuid4().hex
@@ -123,7 +125,8 @@ async def _replier(policy: EgressSettings, resolver):
     )  # fmt: skip
     store = Store(workers=1, batch_max=64, checkpoint_seconds=0)
     store.start()
-    replier = Replier(settings, socketio.AsyncServer(async_mode="asgi"), Metrics(), store)
+    metrics = Metrics()
+    replier = Replier(settings, Outbox(socketio.AsyncServer(async_mode="asgi"), metrics), metrics, store)
     replier.providers.egress = policy
     replier.providers.resolver = resolver
     try:
@@ -136,8 +139,8 @@ async def _replier(policy: EgressSettings, resolver):
 async def _answer(replier: Replier, ta, message_id: str, text: str) -> None:
     conn = Connection(uuid.uuid4().hex, new_connection_id(), API, ta.key_id, ta.tenant_id, ta.agent_id, "qq", ta.secret)
     replier.connections.add(conn)
-    await replier._accept(conn, _inbound(message_id, text))
-    await asyncio.wait_for(replier._idle.wait(), 15)
+    await replier.streams.accept(conn, _inbound(message_id, text))
+    await replier.streams.settle(15)
 
 
 def test_a_name_that_rebinds_to_loopback_after_saving_is_refused_at_connect(configured_db, listener, caplog):

@@ -17,12 +17,13 @@ from replier_support import make_tenant, wait_for
 from isolation import IsolationContext, Scoped
 from isolation.cleanup import delete_agent_history
 from isolation.egress import EgressSettings
-from replier import pipeline
+from replier import gate, stream_cache
 from replier.connections import Connection, new_connection_id
 from replier.core.config import ReplierSettings
 from replier.metrics import Metrics
-from replier.pipeline import Replier
+from replier.outbox import Outbox
 from replier.protocol import API, LEGACY, Inbound
+from replier.service import Replier
 from replier.store import Store
 
 
@@ -43,7 +44,8 @@ def _settings(**overrides) -> ReplierSettings:
 async def _replier(**overrides):
     store = Store(workers=1, batch_max=64, checkpoint_seconds=0)
     store.start()
-    replier = Replier(_settings(**overrides), socketio.AsyncServer(async_mode="asgi"), Metrics(), store)
+    metrics = Metrics()
+    replier = Replier(_settings(**overrides), Outbox(socketio.AsyncServer(async_mode="asgi"), metrics), metrics, store)
     replier.providers.egress = EgressSettings(llm_allowed_hosts="127.0.0.1")  # the fake LLM listens there
     try:
         yield replier
@@ -92,7 +94,7 @@ def _inbound(message_id: str, text: str = "hello", user_id: str = "u1", protocol
 
 
 async def _settle(replier: Replier) -> None:
-    await asyncio.wait_for(replier._idle.wait(), 15)
+    await replier.streams.settle(15)
 
 
 def _environ(secret: str) -> dict:
@@ -105,11 +107,11 @@ def test_a_draining_server_refuses_new_connections(configured_db):
 
     async def scenario():
         async with _replier() as replier:
-            await replier.on_connect("sid-before", _environ(ta.secret))
+            await replier.gate.on_connect("sid-before", _environ(ta.secret))
             assert len(replier.connections) == 1
             await replier.drain(1.0)
             with pytest.raises(socketio.exceptions.ConnectionRefusedError, match="shutting down"):
-                await replier.on_connect("sid-after", _environ(ta.secret))
+                await replier.gate.on_connect("sid-after", _environ(ta.secret))
             await replier.drain(1.0)  # draining twice is harmless
             return _metric(replier, "replier_connections_refused_total", reason="shutting_down"), len(
                 replier.connections
@@ -126,8 +128,8 @@ def test_concurrent_connects_cannot_exceed_the_maximum(configured_db):
     async def scenario():
         async with _replier(max_connections=1) as replier:
             results = await asyncio.gather(
-                replier.on_connect("sid-a", _environ(ta.secret)),
-                replier.on_connect("sid-b", _environ(ta.secret)),
+                replier.gate.on_connect("sid-a", _environ(ta.secret)),
+                replier.gate.on_connect("sid-b", _environ(ta.secret)),
                 return_exceptions=True,
             )
             return replier, results
@@ -141,16 +143,16 @@ def test_concurrent_connects_cannot_exceed_the_maximum(configured_db):
 
 def test_the_key_cache_is_bounded(configured_db, monkeypatch):
     ta = make_tenant()
-    monkeypatch.setattr(pipeline, "_MAX_KEY_CACHE", 2)
+    monkeypatch.setattr(gate, "MAX_KEY_CACHE", 2)
 
     async def scenario():
         async with _replier() as replier:
             sizes = []
             for n in range(4):
-                assert await replier._lookup(f"mt_wrong_{n}") is None
-                sizes.append(len(replier._key_cache))
-            principal = await replier._lookup(ta.secret)
-            return sizes, principal, len(replier._key_cache)
+                assert await replier.gate.lookup(f"mt_wrong_{n}") is None
+                sizes.append(replier.gate.cached_keys)
+            principal = await replier.gate.lookup(ta.secret)
+            return sizes, principal, replier.gate.cached_keys
 
     sizes, principal, final = asyncio.run(scenario())
     assert sizes == [1, 2, 3, 1]  # cleared once it held more than the bound
@@ -160,8 +162,8 @@ def test_the_key_cache_is_bounded(configured_db, monkeypatch):
 def test_events_of_unknown_sids_are_ignored(configured_db):
     async def scenario():
         async with _replier() as replier:
-            await replier.on_message("ghost", {"type": "sys_std", "msg_id": "x", "payload": {}})
-            await replier.on_disconnect("ghost")
+            await replier.intake.on_message("ghost", {"type": "sys_std", "msg_id": "x", "payload": {}})
+            await replier.gate.on_disconnect("ghost")
             return replier
 
     replier = asyncio.run(scenario())
@@ -178,9 +180,9 @@ def test_a_zero_dedup_ttl_forgets_envelope_ids_at_once(configured_db):
     async def scenario():
         async with _replier(dedup_ttl_seconds=0) as forgetful, _replier() as remembering:
             one, two = _conn(forgetful, ta), _conn(remembering, ta)
-            return [forgetful._seen(one, "m"), forgetful._seen(one, "m")], [
-                remembering._seen(two, "m"),
-                remembering._seen(two, "m"),
+            return [forgetful.intake.dedup.seen(one, "m"), forgetful.intake.dedup.seen(one, "m")], [
+                remembering.intake.dedup.seen(two, "m"),
+                remembering.intake.dedup.seen(two, "m"),
             ]
 
     forgetful, remembering = asyncio.run(scenario())
@@ -196,9 +198,9 @@ def test_a_database_failure_gets_an_internal_error_on_both_protocols(configured_
         async with _replier() as replier:
             api, legacy, leaver = _conn(replier, ta, API), _conn(replier, ta, LEGACY), _conn(replier, ta)
             await asyncio.to_thread(replier.store.stop)  # every database job now fails
-            await replier._accept(api, _inbound("ie-1", user_id="u-api"))
-            await replier._accept(legacy, _inbound("ie-2", user_id="u-legacy", protocol=LEGACY))
-            await replier._accept(leaver, _inbound("ie-3", user_id="u-leaver"))
+            await replier.streams.accept(api, _inbound("ie-1", user_id="u-api"))
+            await replier.streams.accept(legacy, _inbound("ie-2", user_id="u-legacy", protocol=LEGACY))
+            await replier.streams.accept(leaver, _inbound("ie-3", user_id="u-leaver"))
             replier.connections.remove(leaver.sid)  # nobody to tell about the third one
             await _settle(replier)
             return replier
@@ -218,8 +220,8 @@ def test_a_deleted_agent_gets_agent_unavailable(configured_db):
         async with _replier() as replier:
             present = _conn(replier, ta, agent_id=ghost_agent)
             gone = _conn(replier, ta, agent_id=ghost_agent)
-            await replier._accept(present, _inbound("na-1"))
-            await replier._accept(gone, _inbound("na-2", user_id="u2"))
+            await replier.streams.accept(present, _inbound("na-1"))
+            await replier.streams.accept(gone, _inbound("na-2", user_id="u2"))
             replier.connections.remove(gone.sid)  # left before its message was processed
             await _settle(replier)
             return replier
@@ -235,15 +237,15 @@ def test_replies_are_stored_even_when_the_sender_left(configured_db):
     async def scenario():
         async with _replier() as replier:
             conn = _conn(replier, ta)
-            await replier._accept(conn, _inbound("gone-1", text="my name is Quinn", user_id="leaver"))
+            await replier.streams.accept(conn, _inbound("gone-1", text="my name is Quinn", user_id="leaver"))
             replier.connections.remove(conn.sid)
             await _settle(replier)
             conn = _conn(replier, ta)
-            await replier._accept(conn, _inbound("gone-1", text="my name is Quinn", user_id="leaver"))
+            await replier.streams.accept(conn, _inbound("gone-1", text="my name is Quinn", user_id="leaver"))
             replier.connections.remove(conn.sid)  # the replay finds nobody either
             await _settle(replier)
             conn = _conn(replier, ta)
-            await replier._accept(conn, _inbound("gone-2", text="my name is Quinn", user_id="leaver"))
+            await replier.streams.accept(conn, _inbound("gone-2", text="my name is Quinn", user_id="leaver"))
             replier.connections.remove(conn.sid)  # answered inline by the cached offline agent
             await _settle(replier)
             return replier
@@ -268,11 +270,11 @@ def test_a_disabled_agent_answers_nobody_who_left(configured_db):
     async def scenario():
         async with _replier() as replier:
             conn = _conn(replier, ta)
-            await replier._accept(conn, _inbound("dis-1"))
+            await replier.streams.accept(conn, _inbound("dis-1"))
             replier.connections.remove(conn.sid)
             await _settle(replier)
             conn = _conn(replier, ta)
-            await replier._accept(conn, _inbound("dis-2"))
+            await replier.streams.accept(conn, _inbound("dis-2"))
             await _settle(replier)
             return replier
 
@@ -287,11 +289,11 @@ def test_an_agent_switched_from_offline_to_a_model_is_answered_by_the_model(conf
     async def scenario():
         async with _replier(llm_memory_extraction=False) as replier:
             conn = _conn(replier, ta)
-            await replier._accept(conn, _inbound("sw-1", text="before", user_id="switcher"))
+            await replier.streams.accept(conn, _inbound("sw-1", text="before", user_id="switcher"))
             await _settle(replier)
             llm = {"provider": "openai", "base_url": fake_llm.base_url, "model": "fake-echo"}
             await asyncio.to_thread(Scoped(IsolationContext(ta.tenant_id)).agents.update, ta.agent_id, llm=llm)
-            await replier._accept(conn, _inbound("sw-2", text="after", user_id="switcher"))
+            await replier.streams.accept(conn, _inbound("sw-2", text="after", user_id="switcher"))
             await _settle(replier)
 
     asyncio.run(scenario())
@@ -307,10 +309,10 @@ def test_a_stream_deleted_behind_the_cache_is_created_again(configured_db):
     async def scenario():
         async with _replier() as replier:
             conn = _conn(replier, ta)
-            await replier._accept(conn, _inbound("del-1", user_id="cleaned"))
+            await replier.streams.accept(conn, _inbound("del-1", user_id="cleaned"))
             await _settle(replier)
             await asyncio.to_thread(delete_agent_history, IsolationContext(ta.tenant_id), ta.agent_id)
-            await replier._accept(conn, _inbound("del-2", user_id="cleaned"))
+            await replier.streams.accept(conn, _inbound("del-2", user_id="cleaned"))
             await _settle(replier)
             return replier
 
@@ -322,21 +324,21 @@ def test_a_stream_deleted_behind_the_cache_is_created_again(configured_db):
 
 
 def test_stream_caches_stay_bounded(configured_db, monkeypatch):
-    monkeypatch.setattr(pipeline, "_MAX_KNOWN_STREAMS", 2)
-    monkeypatch.setattr(pipeline, "_MAX_CACHED_STREAMS", 2)
+    monkeypatch.setattr(stream_cache, "MAX_KNOWN_STREAMS", 2)
+    monkeypatch.setattr(stream_cache, "MAX_CACHED_STREAMS", 2)
     ta = make_tenant()
 
     async def scenario():
         async with _replier() as replier:
             conn = _conn(replier, ta)
             for n in range(5):
-                await replier._accept(conn, _inbound(f"lru-{n}", user_id=f"peer-{n}"))
+                await replier.streams.accept(conn, _inbound(f"lru-{n}", user_id=f"peer-{n}"))
                 await _settle(replier)
             return replier
 
     replier = asyncio.run(scenario())
-    assert len(replier._known_streams) == 2
-    assert len(replier._history) <= 3 and len(replier._memories) <= 3
+    assert replier.answerer.cache.known_streams == 2
+    assert replier.answerer.cache.cached_streams <= 3
     assert _metric(replier, "replier_messages_out_total") == 5  # every stream still got its reply
 
 
@@ -347,7 +349,7 @@ def test_cached_history_is_used_within_the_cache_time(configured_db, fake_llm):
         async with _replier(context_cache_seconds=60, agent_cache_seconds=60, llm_memory_extraction=False) as replier:
             conn = _conn(replier, ta)
             for n, text in enumerate(["first words", "second words"]):
-                await replier._accept(conn, _inbound(f"hist-{n}", text=text, user_id="cache-user"))
+                await replier.streams.accept(conn, _inbound(f"hist-{n}", text=text, user_id="cache-user"))
                 await _settle(replier)
             return replier
 
@@ -368,7 +370,7 @@ def test_a_failing_memory_extraction_keeps_the_reply(configured_db, fake_llm, ca
     async def scenario():
         async with _replier() as replier:
             conn = _conn(replier, ta)
-            await replier._accept(conn, _inbound("mem-1", text="my name is Ada", user_id="ada"))
+            await replier.streams.accept(conn, _inbound("mem-1", text="my name is Ada", user_id="ada"))
             replier.connections.remove(conn.sid)
             await _settle(replier)
             return replier
@@ -390,10 +392,10 @@ def test_draining_waits_only_the_grace_time_and_refuses_new_messages(configured_
     async def scenario():
         async with _replier(llm_memory_extraction=False) as replier:
             conn = _conn(replier, ta)
-            await replier._accept(conn, _inbound("dr-1", text="slow one", user_id="drainer"))
-            await replier._accept(conn, _inbound("dr-2", text="queued behind it", user_id="drainer"))
+            await replier.streams.accept(conn, _inbound("dr-1", text="slow one", user_id="drainer"))
+            await replier.streams.accept(conn, _inbound("dr-2", text="queued behind it", user_id="drainer"))
             await replier.drain(0.2)
-            await replier._accept(conn, _inbound("dr-3", text="too late", user_id="drainer"))
+            await replier.streams.accept(conn, _inbound("dr-3", text="too late", user_id="drainer"))
             await _settle(replier)  # the two accepted ones still finish
             return replier
 
@@ -413,14 +415,14 @@ def test_background_loops_log_failures_and_end_when_the_store_closes(configured_
         async with _replier(revocation_check_seconds=0.05, usage_flush_seconds=0.05) as replier:
             # A connection whose tenant id cannot form a context makes both jobs fail in the database thread.
             broken = _conn(replier, ta, tenant_id="")
-            replier._key_uses[("", ta.key_id)] += 1
+            replier.gate.usage.count("", ta.key_id)
             replier.start()
             await wait_for(lambda: "revocation check failed" in caplog.text)
             await wait_for(lambda: "recording api key usage failed" in caplog.text)
-            revocation, usage, _gc = replier._tasks
+            revocation, usage, _gc = replier.tasks
             assert not revocation.done() and not usage.done()  # a failure does not end a loop
             await asyncio.to_thread(replier.store.stop)
-            replier._key_uses[(ta.tenant_id, ta.key_id)] += 1
+            replier.gate.usage.count(ta.tenant_id, ta.key_id)
             await asyncio.wait_for(asyncio.gather(revocation, usage), 5)
             assert broken.sid in replier.connections.by_sid
             return revocation, usage
@@ -435,16 +437,16 @@ def test_gc_freezing_follows_the_connection_count(configured_db):
 
     async def scenario():
         async with _replier(gc_freeze=False) as off:
-            await asyncio.wait_for(off._gc_loop(), 1)  # disabled: returns at once
+            await asyncio.wait_for(off.gc_freeze_loop(), 1)  # disabled: returns at once
         async with _replier(gc_freeze=True) as replier:
-            task = asyncio.create_task(replier._gc_loop())
+            task = asyncio.create_task(replier.gc_freeze_loop())
             try:
                 conns = [_conn(replier, ta) for _ in range(50)]
-                await wait_for(lambda: replier._frozen_at == 50)
+                await wait_for(lambda: replier.frozen_at == 50)
                 frozen = gc.get_freeze_count()
                 for conn in conns[:10]:
                     replier.connections.remove(conn.sid)
-                await wait_for(lambda: replier._frozen_at == 40)
+                await wait_for(lambda: replier.frozen_at == 40)
                 return frozen
             finally:
                 task.cancel()

@@ -18,8 +18,9 @@ from isolation.ids import utcnow
 from isolation.models import ChatStream
 from replier import db_jobs
 from replier.connections import Connection, ConnectionRegistry
+from replier.inbound import encoded_size
 from replier.llm import LlmError, LlmRequest, resolve_provider_config
-from replier.llm.base import persona_text
+from replier.llm.base import LlmDefaults, persona_text
 from replier.llm.offline import OfflineProvider, rule_memory
 from replier.llm.openai import OpenAIProvider
 from replier.llm.registry import make_provider
@@ -34,7 +35,6 @@ from replier.protocol import (
     segment_text,
 )
 from replier.store import Store, StoreClosed
-from replier.transport import encoded_size
 
 
 def _code(fn, *args) -> str:
@@ -261,7 +261,7 @@ def test_stored_settings_that_do_not_validate_fall_back_to_defaults(caplog):
 
 def test_an_undecryptable_llm_key_is_ignored(configured_db, caplog):
     ta = make_tenant()
-    Scoped(IsolationContext(ta.tenant_id)).agents.update(ta.agent_id, llm_secret="not-an-encrypted-secret")
+    Scoped(IsolationContext(ta.tenant_id)).agents.update(ta.agent_id, encrypted_api_key="not-an-encrypted-secret")
     with caplog.at_level(logging.WARNING, "replier.db"):
         view = db_jobs.load_agent(ta.ctx)
     assert view.llm_api_key is None
@@ -277,24 +277,25 @@ def test_ingest_checks_its_context_and_touches_known_streams(configured_db):
     ta = make_tenant(config={"memory": {"enabled": False}})
     tap = IsolationContext(ta.tenant_id, ta.agent_id, "qq")
     with pytest.raises(ValueError, match="T\\+A\\+C\\+P"):
-        db_jobs.ingest(tap, _inbound("i-0"), False, None, True, False)
+        db_jobs.ingest(db_jobs.IngestRequest(tap, _inbound("i-0")))
     other = tap.child(chat_stream_id=Scoped(tap).chat_streams.stream_id_for("private", "someone-else"))
     with pytest.raises(ValueError, match="does not match"):
-        db_jobs.ingest(other, _inbound("i-1"), False, None, True, False)
+        db_jobs.ingest(db_jobs.IngestRequest(other, _inbound("i-1")))
     ctx = ta.stream_ctx("qq", user_id="u1")
-    with isolation_db.write_transaction():
-        first = db_jobs.ingest(ctx, _inbound("i-2"), False, None, True, False)
+    with isolation_db.unit_of_work(write=True):
+        first = db_jobs.ingest(db_jobs.IngestRequest(ctx, _inbound("i-2")))
     assert first.created and first.memories == []  # memory disabled: nothing read
     before = Scoped(tap).chat_streams.get(ctx.chat_stream_id)["last_active_at"]
-    calls = []
-
-    def decline(agent, inbound, history, memories):
-        calls.append(inbound.message_id)
-        return None  # the inline responder may decline; nothing is stored for it
-
-    with isolation_db.write_transaction():
-        second = db_jobs.ingest(ctx, _inbound("i-3"), True, first.agent, False, True, answer_inline=decline)
-    assert calls == ["i-3"] and second.answer is None
+    # Asked to answer offline, but the operator's default now names a model: the job leaves the answer
+    # to the provider and stores nothing for it.
+    with_model = LlmDefaults(provider="openai", base_url="http://127.0.0.1:9/v1", model="m")
+    request = db_jobs.IngestRequest(
+        ctx, _inbound("i-3"), stream_known=True, cached_agent=first.agent, check_agent=False, touch=True,
+        offline=db_jobs.AnswerOffline(with_model),
+    )  # fmt: skip
+    with isolation_db.unit_of_work(write=True):
+        second = db_jobs.ingest(request)
+    assert second.answer is None
     assert Scoped(tap).chat_streams.get(ctx.chat_stream_id)["last_active_at"] >= before
     assert [m["message_id"] for m in ta.history("qq", user_id="u1")] == ["i-2", "i-3"]
 

@@ -10,18 +10,18 @@ import engineio
 import pytest
 from engineio.async_socket import AsyncSocket
 
-from replier import frames
 from replier.edge import _INVALID, _declared_length, _query, client_address
-from replier.engine import SESSION_KEY, GuardedServer, NonBlockingEngineServer
-from replier.frames import (
+from replier.metrics import Metrics
+from replier.outbox import frames
+from replier.outbox.frames import (
     MalformedFrames,
     polling_payload_problem,
     socketio_packet_problem,
     websocket_frame_problem,
 )
-from replier.metrics import Metrics
+from replier.outbox.serializer import JsonPacket
+from replier.outbox.server import SESSION_KEY, GuardedServer, NonBlockingEngineServer
 from replier.sessions import ADDRESS_LIMIT, UNAUTHENTICATED_LIMIT, Session, SessionGuard
-from replier.transport import JsonPacket
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_malformed_frames_are_summed_per_address_and_interval(caplog):
         "ignored 1 malformed frame from 10.0.0.2 in the last 0.05 s (first: other reason)",
         "ignored 1 malformed frame from 10.0.0.1 in the last 0.05 s (first: later)",
     ]
-    assert metrics.malformed_frames._value.get() == 5
+    assert metrics.registry.get_sample_value("replier_malformed_frames_total") == 5
 
 
 def test_malformed_frames_from_too_many_addresses_share_a_line(caplog, monkeypatch):
@@ -155,7 +155,7 @@ def test_the_guard_counts_caps_and_releases():
         return guard.unauthenticated
 
     assert asyncio.run(scenario()) == 1
-    assert metrics.unauthenticated._value.get() == 1
+    assert metrics.registry.get_sample_value("replier_unauthenticated_sessions") == 1
 
 
 def test_the_guard_closes_sessions_that_miss_the_deadline():
@@ -192,7 +192,7 @@ def test_the_guard_closes_sessions_that_miss_the_deadline():
     assert closed == ["late"] and transport == [True]
     assert not unbound.open
     assert guard.unauthenticated == 0 and guard.per_address == {"a": 1}
-    assert metrics.edge_refused.labels("auth_timeout")._value.get() == 2
+    assert metrics.registry.get_sample_value("replier_edge_refused_total", {"reason": "auth_timeout"}) == 2
 
 
 @pytest.mark.parametrize(

@@ -58,9 +58,9 @@ def _llm_overlay(llm: LlmInput | None) -> dict:
     return {k: v for k, v in _given(llm).items() if k != "api_key"}
 
 
-def _check_egress(llm: dict, has_key: bool, egress: EgressSettings) -> None:
+def _check_egress(llm: dict, has_api_key: bool, egress: EgressSettings) -> None:
     """422 when the (merged) LLM settings could send a request or the operator's key where they must not."""
-    problem = check_agent_llm(llm.get("base_url"), llm.get("provider", "default"), has_key, policy=egress)
+    problem = check_agent_llm(llm.get("base_url"), llm.get("provider", "default"), has_api_key, policy=egress)
     if problem is not None:
         field, message = problem
         details = [{"loc": ["body", "llm", field], "msg": message, "type": "value_error"}]
@@ -95,7 +95,7 @@ def create_agent(principal: CurrentPrincipal, body: AgentCreate, egress: EgressD
             persona=persona,
             config=config,
             llm=llm,
-            llm_secret=encrypt_secret(api_key) if api_key else None,
+            encrypted_api_key=encrypt_secret(api_key) if api_key else None,
             status=body.status,
         )
     return agent_out(row, api_key is not None)
@@ -109,10 +109,7 @@ def list_agents(principal: CurrentPrincipal, page: PageDep) -> FastJSONResponse:
     # against `GET /agents/{id}`.
     with principal.session() as session:
         items, more = session.scoped.agents.page_json(limit=page.limit, offset=page.offset)
-    next_offset = page.offset + page.limit if more else None
-    return FastJSONResponse(
-        {"items": orjson.Fragment(items), "limit": page.limit, "offset": page.offset, "next_offset": next_offset}
-    )
+    return FastJSONResponse(page.body(orjson.Fragment(items), more=more))
 
 
 @router.get("/{agent_id}", response_model=AgentOut, responses=responses(401, 404))
@@ -120,8 +117,8 @@ def get_agent(principal: CurrentPrincipal, agent_id: AgentId) -> dict:
     with principal.session() as session:
         agents = session.scoped.agents
         row = agents.get(agent_id)
-        has_key = agents.llm_secret(agent_id) is not None
-    return agent_out(row, has_key)
+        has_api_key = agents.encrypted_api_key(agent_id) is not None
+    return agent_out(row, has_api_key)
 
 
 @router.patch("/{agent_id}", response_model=AgentOut, responses=responses(401, 403, 404, 409, 413, 422))
@@ -143,16 +140,16 @@ def update_agent(
         if body.llm is not None:
             fields["llm"] = _validated(LlmSettings, current["llm"], _llm_overlay(body.llm), "llm")
             if "api_key" in body.llm.model_fields_set:
-                fields["llm_secret"] = encrypt_secret(body.llm.api_key) if body.llm.api_key else None
-                has_key = body.llm.api_key is not None
+                fields["encrypted_api_key"] = encrypt_secret(body.llm.api_key) if body.llm.api_key else None
+                has_api_key = body.llm.api_key is not None
             else:
-                has_key = agents.llm_secret(agent_id) is not None
-            _check_egress(fields["llm"], has_key, egress)
+                has_api_key = agents.encrypted_api_key(agent_id) is not None
+            _check_egress(fields["llm"], has_api_key, egress)
         sections = {k: fields[k] for k in ("persona", "config", "llm") if k in fields}
         check_json_sizes(settings.max_settings_bytes, **sections)
         row = agents.update(agent_id, **fields) if fields else current
-        has_key = agents.llm_secret(agent_id) is not None
-    return agent_out(row, has_key)
+        has_api_key = agents.encrypted_api_key(agent_id) is not None
+    return agent_out(row, has_api_key)
 
 
 @router.delete("/{agent_id}", response_model=DeletedCounts, responses=responses(401, 403, 404))

@@ -45,8 +45,7 @@ def list_api_keys(principal: CurrentPrincipal, agent_id: AgentId, page: PageDep)
         scoped = session.scoped
         scoped.agents.get(agent_id)  # 404 for a missing or foreign agent
         rows = scoped.api_keys.list(agent_id=agent_id, limit=page.limit + 1, offset=page.offset)
-    items, next_offset = page.page(rows)
-    return {"items": items, "limit": page.limit, "offset": page.offset, "next_offset": next_offset}
+    return page.of(rows)
 
 
 @router.post("/api-keys/{key_id}/revoke", response_model=ApiKeyOut, responses=responses(401, 403, 404))

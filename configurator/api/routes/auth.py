@@ -35,8 +35,8 @@ from configurator.schemas import (
     TokenPair,
 )
 from isolation import IsolationContext, NotFound, Scoped, system
-from isolation import db as isolation_db
 from isolation.cleanup import delete_account
+from isolation.db import unit_of_work
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -104,7 +104,7 @@ async def register(
 
 def _register(body: RegisterRequest, tokens: TokenService, password_hash: str) -> AuthResponse:
     email = str(body.email).lower()
-    with connection(), isolation_db.write_transaction():
+    with connection(), unit_of_work(write=True):
         account = system.create_account(body.username, email, password_hash)
         tenant = system.create_tenant(body.tenant_name or f"{body.username}'s workspace", account["id"], "personal")
         pair = _issue_pair(tokens, account["id"], tenant["id"])
@@ -211,7 +211,7 @@ def logout(body: LogoutRequest, tokens: TokensDep) -> Response:
     if not (valid_id(claims.tenant_id) and valid_id(claims.jti) and valid_id(claims.session_id)):
         raise unauthorized("invalid token")
     scoped = Scoped(IsolationContext(claims.tenant_id))
-    with connection(), isolation_db.tenant_transaction(claims.tenant_id, write=True):
+    with connection(), unit_of_work(claims.tenant_id, write=True):
         try:
             scoped.refresh_tokens.revoke(claims.jti)
         except NotFound:

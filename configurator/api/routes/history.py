@@ -21,6 +21,7 @@ from isolation import IsolationContext, Scoped
 from isolation.cleanup import delete_agent_history
 
 router = APIRouter(tags=["history and memory"])
+_ADD_ERRORS = responses(401, 403, 404, 413, 422)  # POST /agents/{agent_id}/memories
 
 
 def _agent_scope(session: TenantSession, agent_id: str) -> Scoped:
@@ -30,17 +31,12 @@ def _agent_scope(session: TenantSession, agent_id: str) -> Scoped:
     return scoped
 
 
-def _page(page, rows: list) -> dict:
-    items, next_offset = page.page(rows)
-    return {"items": items, "limit": page.limit, "offset": page.offset, "next_offset": next_offset}
-
-
 @router.get("/agents/{agent_id}/chat-streams", response_model=Page[ChatStreamOut], responses=responses(401, 404, 422))
 def list_chat_streams(principal: CurrentPrincipal, agent_id: AgentId, page: PageDep) -> dict:
     """The agent's chat streams, most recently active first."""
     with principal.session() as session:
         scoped = _agent_scope(session, agent_id)
-        return _page(page, scoped.chat_streams.list(limit=page.limit + 1, offset=page.offset))
+        return page.of(scoped.chat_streams.list(limit=page.limit + 1, offset=page.offset))
 
 
 @router.get("/chat-streams/{stream_id}/messages", response_model=Page[MessageOut], responses=responses(401, 404, 422))
@@ -48,7 +44,7 @@ def list_messages(principal: CurrentPrincipal, stream_id: StreamId, page: PageDe
     """Messages of one chat stream, newest first."""
     with principal.session() as session:
         stream_ctx = session.scoped.chat_streams.context_for(stream_id)
-        return _page(page, Scoped(stream_ctx).messages.page(limit=page.limit + 1, offset=page.offset))
+        return page.of(Scoped(stream_ctx).messages.page(limit=page.limit + 1, offset=page.offset))
 
 
 @router.get("/agents/{agent_id}/memories", response_model=Page[MemoryOut], responses=responses(401, 404, 422))
@@ -61,15 +57,10 @@ def list_memories(
     """All of the agent's memories (every level), newest first."""
     with principal.session() as session:
         scoped = _agent_scope(session, agent_id)
-        return _page(page, scoped.memories.list(level=level, limit=page.limit + 1, offset=page.offset))
+        return page.of(scoped.memories.list(level=level, limit=page.limit + 1, offset=page.offset))
 
 
-@router.post(
-    "/agents/{agent_id}/memories",
-    status_code=201,
-    response_model=MemoryOut,
-    responses=responses(401, 403, 404, 413, 422),
-)
+@router.post("/agents/{agent_id}/memories", status_code=201, response_model=MemoryOut, responses=_ADD_ERRORS)
 def add_memory(principal: CurrentPrincipal, agent_id: AgentId, body: MemoryCreate) -> dict:
     with principal.session(ADMIN, write=True) as session:
         scoped = _agent_scope(session, agent_id)

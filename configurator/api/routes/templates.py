@@ -16,9 +16,7 @@ router = APIRouter(prefix="/agent-templates", tags=["templates"])
 def list_templates(principal: CurrentPrincipal, page: PageDep) -> dict:
     with principal.session():
         rows = system.list_templates()
-    window = rows[page.offset : page.offset + page.limit + 1]
-    items, next_offset = page.page(window)
-    return {"items": items, "limit": page.limit, "offset": page.offset, "next_offset": next_offset}
+    return page.of(rows[page.offset : page.offset + page.limit + 1])
 
 
 @router.get("/{template_id}", response_model=TemplateOut, responses=responses(401, 404))

@@ -5,6 +5,9 @@
 `MAITENANT_TEST_PG_URL` (default `postgresql://postgres@127.0.0.1:5432/test`), migrates it as the
 admin, and hands back a URL that connects as the non-owner role, so row-level security is really in
 force. Both are dropped on exit; nothing depends on leftovers.
+
+`leg_database` is the session fixtures' version for the test legs (`MAITENANT_TEST_DB`): without a
+PostgreSQL server it fails in CI, where the leg must run, and skips with the reason elsewhere.
 """
 
 from __future__ import annotations
@@ -102,6 +105,21 @@ def provision_database(kind: str, *, keep: bool = False) -> Iterator[Provisioned
             with psycopg.connect(_conninfo(base), autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@contextmanager
+def leg_database(kind: str, *, in_ci: bool) -> Iterator[ProvisionedDatabase]:
+    """`provision_database(kind)` for a test session; no PostgreSQL server: `pytest.fail` in CI (the
+    leg must run there), `pytest.skip` with the reason elsewhere."""
+    import pytest
+
+    try:
+        with provision_database(kind) as database:
+            yield database
+    except PostgresUnavailable as exc:
+        if in_ci:
+            pytest.fail(f"PostgreSQL leg needs a server: {exc}")
+        pytest.skip(f"PostgreSQL leg skipped: {exc}")
 
 
 def table_counts(database: ProvisionedDatabase) -> dict[str, dict[str, int]]:

@@ -61,7 +61,7 @@ def polling_payload_problem(body: bytes) -> str | None:
     """Why a long-polling POST body is not a payload of client packets (None: it is).
 
     Upstream decodes the body inside its request handler: a decoding error is logged with a traceback,
-    and an OPEN or unknown packet type makes it disconnect the session and hang (see replier.engine).
+    and an OPEN or unknown packet type makes it disconnect the session and hang (see replier.outbox.server).
     """
     try:
         packets = eio_payload.Payload(encoded_payload=body.decode("utf-8")).packets

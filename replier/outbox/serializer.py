@@ -25,19 +25,3 @@ class OrjsonModule:
 class JsonPacket(packet.Packet):
     uses_binary_events = False
     json = OrjsonModule
-
-
-def _stand_in(value):
-    """Binary attachments (a Socket.IO binary event) count with their length."""
-    if isinstance(value, bytes):
-        return "x" * len(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-def encoded_size(data) -> int:
-    """The size of `data` as JSON (what the client sent, give or take whitespace).
-
-    Inbound data comes from orjson (JSON only) plus, for a binary event, `bytes` attachments; those
-    are counted instead of making the size unknown (which used to let them past the size limit).
-    """
-    return len(orjson.dumps(data, default=_stand_in))

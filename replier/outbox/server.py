@@ -12,17 +12,20 @@ client and /health. `NonBlockingEngineServer.disconnect` closes without waiting 
 queued for a poll that may come); `replier.edge` also refuses oversized and malformed bodies before
 Engine.IO sees them.
 
-Malformed Socket.IO packets are dropped and counted (`replier.frames`) instead of raising inside
+Malformed Socket.IO packets are dropped and counted (`replier.outbox.frames`) instead of raising inside
 upstream's dispatch, where each one became an ERROR traceback.
 """
 
 from __future__ import annotations
 
+import logging
+
 import engineio
 import socketio
 from socketio import packet as sio_packet
 
-from replier.frames import DECODE_ERRORS, MalformedFrames, socketio_packet_problem
+from replier.outbox.frames import DECODE_ERRORS, MalformedFrames, socketio_packet_problem
+from replier.outbox.serializer import JsonPacket, OrjsonModule
 from replier.sessions import SessionGuard
 
 SESSION_KEY = "replier.session"  # the edge's Session for a handshake, in the ASGI scope
@@ -46,6 +49,30 @@ class NonBlockingEngineServer(engineio.AsyncServer):
         finally:
             self.sockets.pop(sid, None)
             socket.queue.put_nowait(None)  # ends a websocket's writer and a pending poll after the CLOSE
+
+
+class InlineManager(socketio.AsyncManager):
+    """python-socketio's in-memory client manager, sending to a lone recipient without a task.
+
+    Upstream's `AsyncManager.emit` (5.18.1) creates a task per recipient and waits for them: 12 us per
+    `emit(..., to=sid)` against 1.7 us for the same send inline (measured in-process), about 10% of the
+    replier's throughput at 50 clients, since every message costs an ack and a reply. With a single
+    recipient and no callback there is nothing to run concurrently: the packet is encoded by the
+    server's packet class, as upstream does, and handed to Engine.IO's public `send`. Anything else
+    (several recipients, callbacks, binary packets) takes upstream's path.
+    """
+
+    async def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None, **kwargs):
+        room = to or room
+        if callback is None and skip_sid is None and isinstance(room, str):
+            recipients = list(self.get_participants(namespace, room))
+            if len(recipients) == 1:
+                args = list(data) if isinstance(data, tuple) else [] if data is None else [data]
+                encoded = self.server.packet_class(sio_packet.EVENT, namespace=namespace, data=[event, *args]).encode()
+                if isinstance(encoded, str):
+                    await self.server.eio.send(recipients[0][1], encoded)
+                    return
+        await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs)
 
 
 class GuardedServer(socketio.AsyncServer):
@@ -150,3 +177,42 @@ class GuardedServer(socketio.AsyncServer):
             await self._handle_ack(eio_sid, pkt.namespace, pkt.id, pkt.data)
         else:  # BINARY_EVENT or BINARY_ACK: wait for its attachments
             self._binary_packet[eio_sid] = pkt
+
+
+def _library_logger(name: str) -> logging.Logger:
+    """The library's logger at ERROR, without the extra stream handler it adds when given `False`
+    (which printed every traceback twice: once there, once through the root handler)."""
+    logger = logging.getLogger(name)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
+    return logger
+
+
+def build_server(
+    *,
+    guard: SessionGuard,
+    malformed: MalformedFrames,
+    ping_interval: float,
+    ping_timeout: float,
+    max_http_buffer_size: int,
+) -> GuardedServer:
+    """The replier's Socket.IO server (ASGI mode, orjson packets)."""
+    return GuardedServer(
+        guard=guard,
+        malformed=malformed,
+        client_manager=InlineManager(),
+        async_mode="asgi",
+        async_handlers=False,  # handlers only parse and enqueue; order per connection is kept
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        max_http_buffer_size=max_http_buffer_size,
+        logger=_library_logger("socketio.server"),
+        engineio_logger=_library_logger("engineio.server"),
+        serializer=JsonPacket,
+        json=OrjsonModule,
+    )
+
+
+def mount(sio: socketio.AsyncServer, other_app, path: str):
+    """The ASGI app serving Socket.IO at `/path` and `other_app` everywhere else."""
+    return socketio.ASGIApp(sio, other_asgi_app=other_app, socketio_path=path)

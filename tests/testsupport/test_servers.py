@@ -1,4 +1,4 @@
-"""`isolation.servers` against real tiny subprocesses: `python -m http.server` on a free port, scripts
+"""`testsupport.servers` against real tiny subprocesses: `python -m http.server` on a free port, scripts
 that exit at once or ignore SIGINT."""
 
 from __future__ import annotations
@@ -8,19 +8,27 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-from isolation.servers import (
+from testsupport.servers import (
     ServerNotReady,
+    ServerProcess,
+    ThreadedServer,
+    answers,
     free_port,
     healthy,
     log_tail,
+    pid_alive,
+    port_free,
     running_server,
     spawn,
+    stop_pid,
     stop_process,
+    stop_processes,
     wait_http,
     wait_ready,
 )
@@ -158,3 +166,102 @@ def test_running_server_without_ready_url_yields_at_once(tmp_path):
     with running_server(script("import time; time.sleep(30)"), env=None, ready_url=None, cwd=tmp_path) as server:
         assert server.process.poll() is None
     assert server.process.returncode == -signal.SIGINT  # Python ends on an uncaught KeyboardInterrupt by SIGINT
+
+
+def test_port_free_tells_a_bound_port_from_a_free_one():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        taken = sock.getsockname()[1]
+        assert not port_free("127.0.0.1", taken)
+    assert port_free("127.0.0.1", free_port())
+
+
+def test_server_process_starts_waits_restarts_and_stops(tmp_path):
+    port = free_port()
+    log_path = tmp_path / "web.log"
+    server = ServerProcess(
+        "web", http_server(port), env=ENV, log_path=log_path, health_url=f"http://127.0.0.1:{port}/", cwd=tmp_path
+    )
+    assert server.stop() is None  # never started: nothing to stop
+    for _ in range(2):  # a restart appends to the same log
+        server.start()
+        server.wait_healthy(30)
+        assert answers(f"http://127.0.0.1:{port}/", ok=healthy)
+        assert server.stop() == 0
+    assert server.log_tail().count('"GET / HTTP/1.1" 200') >= 2
+
+
+def test_server_process_that_never_gets_healthy_names_itself_and_shows_its_log(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/health"  # http.server answers 404
+    server = ServerProcess("web", http_server(port), env=ENV, log_path=tmp_path / "web.log", health_url=url)
+    server.start()
+    try:
+        with pytest.raises(ServerNotReady) as raised:
+            server.wait_healthy(0.5, log_chars=50)
+    finally:
+        server.stop()
+    message = str(raised.value)
+    assert message.startswith(f"web not ready at {url} after 0.5 s:\n") and len(message.split(":\n", 1)[1]) <= 50
+
+
+def test_server_process_without_a_log_inherits_the_output(capfd):
+    server = ServerProcess("quiet", script("print('to the terminal')"), env=ENV, log_path=None)
+    server.start()
+    assert server.process is not None and server.process.wait(30) == 0
+    assert server.log_tail() == "(no log: output not captured)"
+    assert "to the terminal" in capfd.readouterr().out
+
+
+def test_answers_is_false_when_nothing_listens():
+    assert not answers(f"http://127.0.0.1:{free_port()}/", timeout=0.5)
+
+
+def test_stop_processes_signals_all_first_and_kills_the_stubborn(tmp_path):
+    graceful = spawn(
+        script("import time; print('ready', flush=True); time.sleep(30)"), env=ENV, log_path=tmp_path / "a"
+    )
+    ignoring = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready'); time.sleep(30)"
+    stubborn = spawn(script(ignoring), env=ENV, log_path=tmp_path / "b")
+    wait_for_line(tmp_path / "a", "ready", graceful)
+    wait_for_line(tmp_path / "b", "ready", stubborn)
+    stop_processes([graceful, stubborn], timeout=0.5)
+    assert graceful.returncode == -signal.SIGINT and stubborn.returncode == -signal.SIGKILL
+
+
+def test_stop_pid_stops_a_process_known_only_by_its_pid(tmp_path):
+    proc = spawn(script("import time; print('ready', flush=True); time.sleep(30)"), env=ENV, log_path=tmp_path / "x")
+    wait_for_line(tmp_path / "x", "ready", proc)
+    assert pid_alive(proc.pid)
+    reaper = threading.Thread(target=proc.wait)  # our child: reap it so the pid really disappears
+    reaper.start()
+    assert stop_pid(proc.pid, timeout=30) == "stopped"
+    reaper.join(5)
+    assert stop_pid(proc.pid) == "not running" and not pid_alive(proc.pid)
+
+
+def test_stop_pid_kills_what_ignores_the_signal(tmp_path):
+    ignoring = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready'); time.sleep(30)"
+    proc = spawn(script(ignoring), env=ENV, log_path=tmp_path / "y")
+    wait_for_line(tmp_path / "y", "ready", proc)
+    reaper = threading.Thread(target=proc.wait)
+    reaper.start()
+    assert stop_pid(proc.pid, timeout=0.3) == "killed"
+    reaper.join(5)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_threaded_server_serves_an_asgi_app_until_stopped():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("hi"))])
+    server = ThreadedServer(app, name="tiny")
+    server.start()
+    try:
+        assert httpx.get(f"http://127.0.0.1:{server.port}/", timeout=5).text == "hi"
+    finally:
+        server.stop()
+    assert not answers(f"http://127.0.0.1:{server.port}/", timeout=0.5)

@@ -1,0 +1,293 @@
+"""Every hand-written statement on tenant tables, in one module for review.
+
+peewee builds the other queries. These are written out because they sit on hot paths where building
+a peewee query costs several times more than running it: the membership lookup of every
+authenticated configurator request, the configurator's agents page, and the replier's per-message
+statements. They also hold the one write path of `messages` and `llm_usage` rows, which the scoped
+managers (`MessageManager.add`, `LlmUsageManager.record`) and the replier's `ChatSession` share.
+
+What a reviewer checks, and what every statement here keeps:
+* values only as parameters (`{p}` is the driver's placeholder), never formatted into the text;
+* a WHERE clause with the whole scope of the caller's context (the tenant always, agent, platform and
+  chat stream where the statement is about one), inserts taking those columns from the context;
+* callers run them inside `isolation.db.unit_of_work(tenant)`, which binds the tenant on PostgreSQL,
+  so row-level security applies as well (`ChatSession` binds itself).
+The statement strings are built once per dialect (`lru_cache`) and reused.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from peewee import DateTimeField, Field
+
+from isolation import db as _db
+from isolation.ids import new_id, utcnow
+from isolation.models import Membership, RefreshToken, TenantModel, json_text, refuse_nul
+
+# (tenant, agent, platform, chat stream): the columns every chat row takes from its context.
+Scope = tuple[str, str, str, str | None]
+
+
+def _execute(sql: str, params: tuple):
+    return _db.database.obj.execute_sql(sql, params)
+
+
+# ---- rows as dicts ---------------------------------------------------------------------------
+def _decode_datetime(value: Any) -> Any:
+    """SQLite hands back ISO text, PostgreSQL a `datetime`: both become a `datetime`."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:  # not ISO: leave it to peewee's own (slower) parser
+            return DateTimeField().python_value(value)
+    return value
+
+
+def _decoder(field: Field):
+    """What the peewee field would have returned for a raw column value (datetimes parsed faster)."""
+    return _decode_datetime if isinstance(field, DateTimeField) else field.python_value
+
+
+@lru_cache(maxsize=16)
+def _public_columns(model: type[TenantModel], hidden: tuple[str, ...]):
+    """(column SQL, result names, decoders) of a model's columns except `hidden`."""
+    fields = [f for name, f in model._meta.fields.items() if name not in hidden]
+    columns = ", ".join(f.column_name for f in fields)
+    return columns, tuple(f.name for f in fields), tuple(_decoder(f) for f in fields)
+
+
+def _as_dict(raw: tuple, names: tuple[str, ...], decoders: tuple) -> dict:
+    return {name: decode(value) for name, decode, value in zip(names, decoders, raw, strict=False)}
+
+
+# ---- memberships: checked by every authenticated configurator request ------------------------
+@lru_cache(maxsize=4)
+def _membership_sql(p: str, *, with_session: bool) -> str:
+    columns, _, _ = _public_columns(Membership, ())
+    if not with_session:
+        return f"SELECT {columns} FROM {Membership._meta.table_name} WHERE tenant_id = {p} AND account_id = {p}"
+    # The session check is an EXISTS inside the lookup: no extra round trip on the hot path.
+    return (
+        f"SELECT {columns}, EXISTS (SELECT 1 FROM {RefreshToken._meta.table_name} r "
+        f"WHERE r.tenant_id = m.tenant_id AND r.session_id = {p} AND r.account_id = m.account_id "
+        f"AND r.revoked_at IS NULL AND r.expires_at > {p}) "
+        f"FROM {Membership._meta.table_name} m WHERE m.tenant_id = {p} AND m.account_id = {p}"
+    )
+
+
+def membership(tenant_id: str, account_id: str) -> dict | None:
+    """The membership row of (`tenant_id`, `account_id`), or None."""
+    _, names, decoders = _public_columns(Membership, ())
+    params = (tenant_id, Membership.account_id.db_value(account_id))  # NUL refused, as elsewhere
+    row = _execute(_membership_sql(_db.database.obj.param, with_session=False), params).fetchone()
+    return None if row is None else _as_dict(row, names, decoders)
+
+
+def membership_with_session(tenant_id: str, account_id: str, session_id: str) -> dict | None:
+    """`membership()` plus `session_active`: whether the account's sign-in session `session_id`
+    still has a refresh token that is neither revoked nor expired."""
+    _, names, decoders = _public_columns(Membership, ())
+    params = (
+        RefreshToken.session_id.db_value(session_id),
+        RefreshToken.expires_at.db_value(utcnow()),
+        tenant_id,
+        Membership.account_id.db_value(account_id),
+    )
+    row = _execute(_membership_sql(_db.database.obj.param, with_session=True), params).fetchone()
+    if row is None:
+        return None
+    found = _as_dict(row, names, decoders)  # the EXISTS column is left out by zip(strict=False)
+    found["session_active"] = bool(row[-1])
+    return found
+
+
+# ---- the agents page: the configurator's `GET /agents`, written as JSON by the database ------
+def _agent_json_object(quote: str, timestamp: str) -> str:
+    """SQL that writes an agent row as the API's agent object (`AgentOut`), as text.
+
+    The JSON columns hold JSON text written by `json_text` (always valid, compact), so they are
+    spliced in as they are instead of being parsed again; every other value goes through the
+    dialect's JSON quoting. `quote`, `timestamp` are templates with `{column}`.
+    """
+    pairs = [
+        ("id", quote.format(column="id")),
+        ("name", quote.format(column="name")),
+        ("description", quote.format(column="description")),
+        ("template_id", f"coalesce({quote.format(column='template_id')}, 'null')"),
+        ("persona", "persona"),
+        ("config", "config"),
+        ("llm", "llm"),
+        ("has_api_key", "CASE WHEN llm_secret IS NULL THEN 'false' ELSE 'true' END"),
+        ("status", quote.format(column="status")),
+        ("version", "CAST(version AS TEXT)"),
+        ("created_at", timestamp.format(column="created_at")),
+        ("updated_at", timestamp.format(column="updated_at")),
+    ]
+    parts = [f"'{',' if i else '{'}\"{key}\":' || {value}" for i, (key, value) in enumerate(pairs)]
+    return " || ".join(parts) + " || '}'"
+
+
+# `{scope}` and `{p}` are filled in once per dialect. SQLite keeps a subquery's order in group_concat
+# (3.44 would allow ORDER BY inside the aggregate; Python's bundled SQLite may be older), PostgreSQL
+# orders inside string_agg. Stored timestamps are naive UTC; SQLite keeps them as the text
+# "YYYY-MM-DD HH:MM:SS[.ffffff]".
+_AGENT_PAGE_SQL = {
+    "sqlite": (
+        "SELECT (SELECT '[' || coalesce(group_concat(j, ','), '') || ']' FROM (SELECT "
+        + _agent_json_object("json_quote({column})", "'\"' || replace({column}, ' ', 'T') || 'Z\"'")
+        + " AS j FROM agents WHERE {scope} ORDER BY created_at, id LIMIT {p} OFFSET {p})), "
+        "EXISTS (SELECT 1 FROM agents WHERE {scope} ORDER BY created_at, id LIMIT 1 OFFSET {p})"
+    ),
+    "postgresql": (
+        "SELECT (SELECT '[' || coalesce(string_agg(j, ',' ORDER BY created_at, id), '') || ']' FROM (SELECT "
+        "created_at, id, "
+        + _agent_json_object(
+            "to_json({column})::text", """'"' || to_char({column}, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"'"""
+        )
+        + " AS j FROM agents WHERE {scope} ORDER BY created_at, id LIMIT {p} OFFSET {p}) page), "
+        "EXISTS (SELECT 1 FROM agents WHERE {scope} ORDER BY created_at, id LIMIT 1 OFFSET {p})"
+    ),
+}
+
+
+@lru_cache(maxsize=8)
+def _agent_page_sql(postgres: bool, p: str, *, by_agent: bool) -> str:
+    """`_AGENT_PAGE_SQL` with the scope (the tenant, and the agent when the context names one)."""
+    scope = f"tenant_id = {p}" + (f" AND id = {p}" if by_agent else "")
+    template = _AGENT_PAGE_SQL["postgresql" if postgres else "sqlite"]
+    return template.replace("{scope}", scope).replace("{p}", p)
+
+
+def agent_page(tenant_id: str, agent_id: str | None, limit: int, offset: int) -> tuple[str, bool]:
+    """(JSON array of `limit` agents from `offset`, whether more follow); one statement, one row."""
+    scope = (tenant_id,) if agent_id is None else (tenant_id, agent_id)
+    sql = _agent_page_sql(_db.is_postgres(), _db.database.obj.param, by_agent=agent_id is not None)
+    items, more = _execute(sql, (*scope, limit, offset, *scope, offset + limit)).fetchone()
+    return items or "[]", bool(more)
+
+
+# ---- chat rows: the one write path of messages and usage, and the replier's reads ------------
+_MESSAGE_COLUMNS = (
+    "tenant_id, id, agent_id, platform, chat_stream_id, message_id, direction, "
+    "sender_user_id, sender_nickname, text, segments, reply_to, created_at"
+)
+_USAGE_COLUMNS = (
+    "tenant_id, id, agent_id, platform, chat_stream_id, provider, model, "
+    "prompt_tokens, completion_tokens, latency_ms, outcome, error, created_at"
+)
+_STREAM_FILTER = "tenant_id = {p} AND agent_id = {p} AND platform = {p} AND chat_stream_id = {p}"
+
+
+@lru_cache(maxsize=2)
+def _chat_sql(p: str) -> dict[str, str]:
+    stream = _STREAM_FILTER.format(p=p)
+    values = ", ".join([p] * 13)
+    insert_message = (
+        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({values}) "
+        "ON CONFLICT (tenant_id, chat_stream_id, message_id) DO NOTHING"
+    )
+    insert_usage = f"INSERT INTO llm_usage ({_USAGE_COLUMNS}) VALUES ({values})"
+    return {
+        "insert_message": insert_message,
+        "insert_usage": insert_usage,
+        # PostgreSQL: a reply and its usage row in one round trip (a data-modifying CTE).
+        "reply_and_usage": f"WITH reply AS ({insert_message} RETURNING 1) {insert_usage}",
+        "message_text": f"SELECT text FROM messages WHERE {stream} AND message_id = {p}",
+        "recent": (
+            "SELECT message_id, direction, text, sender_user_id, sender_nickname FROM messages "
+            f"WHERE {stream} ORDER BY created_at DESC, id DESC LIMIT {p}"
+        ),
+        "memories": (
+            f"SELECT content FROM memories WHERE tenant_id = {p} AND agent_id = {p} "
+            f"AND (platform IS NULL OR platform = {p}) AND (chat_stream_id IS NULL OR chat_stream_id = {p}) "
+            f"ORDER BY created_at DESC, id LIMIT {p}"
+        ),
+    }
+
+
+def _chat_row(scope: Scope, kind: str, values: tuple, created_at: datetime | None = None) -> tuple:
+    """A chat row's values in column order: the scope (and a new id) from the context, then `values`."""
+    tenant, agent, platform, stream = scope
+    return (tenant, new_id(kind), agent, platform, stream, *values, created_at or utcnow())
+
+
+def _message_params(
+    scope: Scope,
+    *,
+    message_id: str,
+    direction: str,
+    text: str,
+    segments: Any,
+    sender_user_id: str | None = None,
+    sender_nickname: str | None = None,
+    reply_to: str | None = None,
+    created_at: datetime | None = None,
+) -> tuple:
+    """The 13 values of a `messages` row; `InvalidValueError`/`ValueError` before anything is written."""
+    if direction not in ("in", "out"):
+        raise ValueError("direction must be 'in' or 'out'")
+    for value in (message_id, text, sender_user_id, sender_nickname, reply_to):
+        refuse_nul(value)
+    values = (message_id, direction, sender_user_id, sender_nickname, text, json_text(segments), reply_to)
+    return _chat_row(scope, "msg", values, created_at)
+
+
+def _usage_params(
+    scope: Scope,
+    *,
+    provider: str,
+    model: str,
+    outcome: str,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    latency_ms: int = 0,
+    error: str | None = None,
+) -> tuple:
+    """The 13 values of an `llm_usage` row (chat stream may be None: usage outside a chat)."""
+    for value in (provider, model, outcome, error):
+        refuse_nul(value)
+    values = (provider, model, int(prompt_tokens), int(completion_tokens), int(latency_ms), outcome, error)
+    return _chat_row(scope, "use", values)
+
+
+def insert_message(scope: Scope, fields: dict) -> tuple[str, bool]:
+    """Store a message (fields as `_message_params`); (new row id, False when the message id is
+    already stored in the stream: the stored row stays)."""
+    params = _message_params(scope, **fields)
+    cursor = _execute(_chat_sql(_db.database.obj.param)["insert_message"], params)
+    return params[1], cursor.rowcount == 1
+
+
+def insert_usage(scope: Scope, fields: dict) -> str:
+    """Store one `llm_usage` row (fields as `_usage_params`); its id."""
+    params = _usage_params(scope, **fields)
+    _execute(_chat_sql(_db.database.obj.param)["insert_usage"], params)
+    return params[1]
+
+
+def insert_reply_with_usage(scope: Scope, reply: dict, usage: dict) -> None:
+    """`insert_message(reply)` and `insert_usage(usage)`; one statement on PostgreSQL."""
+    if not _db.is_postgres():
+        insert_message(scope, reply)
+        insert_usage(scope, usage)
+        return
+    params = _message_params(scope, **reply) + _usage_params(scope, **usage)
+    _execute(_chat_sql(_db.database.obj.param)["reply_and_usage"], params)
+
+
+def message_text(scope: Scope, message_id: str) -> str | None:
+    row = _execute(_chat_sql(_db.database.obj.param)["message_text"], (*scope, message_id)).fetchone()
+    return row[0] if row else None
+
+
+def recent_messages(scope: Scope, limit: int) -> list[tuple]:
+    """(message_id, direction, text, sender_user_id, sender_nickname) of the last `limit`, newest first."""
+    return _execute(_chat_sql(_db.database.obj.param)["recent"], (*scope, int(limit))).fetchall()
+
+
+def relevant_memories(scope: Scope, limit: int) -> list[tuple]:
+    """(content,) of the memories visible in the chat, newest first."""
+    return _execute(_chat_sql(_db.database.obj.param)["memories"], (*scope, int(limit))).fetchall()

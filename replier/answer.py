@@ -1,0 +1,178 @@
+"""Answering one message: ingest it, ask the agent's provider, store the reply, hand it to the outbox.
+
+`Answerer.process` runs for one message at a time per stream (see `replier.streams`). The ingest job
+stores the inbound row and reads the context; an agent without a model is answered inside that very
+job (`db_jobs.answer_offline`), any other after it by its provider, and the reply is stored by
+`db_jobs.complete`. Both paths build their reply with `replier.reply.build_reply`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+from isolation import NotFound
+from isolation.context import IsolationContext
+from replier import db_jobs
+from replier.connections import StreamKey
+from replier.llm import LlmError, ProviderRegistry
+from replier.llm.base import LlmDefaults, chat_request
+from replier.memory import worth_storing
+from replier.protocol import Inbound
+from replier.reply import Reply, build_reply
+from replier.stage import Shared, Stage
+from replier.stream_cache import StreamCache
+
+log = logging.getLogger("replier")
+
+FALLBACK_REPLY = "Sorry, I cannot answer right now: my language model is unavailable. Please try again in a moment."
+
+
+@functools.lru_cache(maxsize=65_536)
+def _context(key: StreamKey) -> IsolationContext:
+    """The T+A+C+P context of a stream key (immutable, so cached)."""
+    return IsolationContext(key[0], key[1], key[2], key[3])
+
+
+class Answerer(Stage):
+    def __init__(self, shared: Shared) -> None:
+        super().__init__(shared)
+        settings = shared.settings
+        self.cache = StreamCache(settings)
+        self.defaults = LlmDefaults(
+            provider=settings.llm_provider,
+            base_url=settings.llm_base_url,
+            model=settings.llm_model,
+            api_key=settings.llm_api_key,
+        )
+        self.providers = ProviderRegistry(
+            max_retries=settings.llm_max_retries,
+            backoff=settings.llm_retry_backoff_seconds,
+            concurrency=settings.llm_concurrency,
+        )
+        self._offline_logged: set[tuple[str, str]] = set()
+
+    async def process(self, key: StreamKey, sid: str, inbound: Inbound, started: float) -> None:
+        """Answer `inbound` (sent by connection `sid` at `started`) to every connection in its stream."""
+        try:
+            result = await self._ingest(key, inbound)
+        except NotFound:
+            await self._tell_sender(sid, inbound, "agent_unavailable", "this api key's agent no longer exists")
+            return
+        agent = result.agent
+        if not result.created and result.reply is not None:
+            self.metrics.duplicates.inc()
+            conn = self.connections.get(sid)
+            if conn is not None:
+                await self.outbox.reply(
+                    [conn],
+                    inbound,
+                    reply_id=result.reply["message_id"],
+                    text=result.reply["text"],
+                    agent_name=agent.name,
+                    metadata={"replayed": True, "chat_stream_id": key[3], "reply_to": inbound.message_id},
+                )
+            return
+        if agent.status != "active":
+            await self._tell_sender(sid, inbound, "agent_disabled", "this agent is disabled")
+            return
+        reply = result.answer
+        if reply is not None:
+            self.metrics.llm_requests.labels("offline", "offline").inc()
+            self._log_offline(agent)
+        else:
+            reply = await self._ask_provider(key, inbound, result)
+            await self.store.run(db_jobs.complete, _context(key), reply)
+        self.cache.remember(key, inbound, reply)
+        sent = await self.outbox.reply(
+            self.connections.targets(key),
+            inbound,
+            reply_id=reply.reply_id,
+            text=reply.text,
+            agent_name=reply.agent_name,
+            metadata=reply.metadata,
+        )
+        if sent:
+            self.metrics.reply_latency.observe(time.perf_counter() - started)
+
+    async def _tell_sender(self, sid: str, inbound: Inbound, code: str, message: str) -> None:
+        conn = self.connections.get(sid)
+        if conn is not None:
+            await self.outbox.reply_error(conn, inbound, code, message)
+
+    async def _ingest(self, key: StreamKey, inbound: Inbound) -> db_jobs.IngestResult:
+        """Run the ingest job planned from the caches; an offline agent's answer comes back stored."""
+        plan = self.cache.plan(key, _context(key), inbound, self.defaults)
+        try:
+            result = await self.store.run(db_jobs.ingest, plan.request)
+        except NotFound:
+            raise
+        except Exception:
+            if not plan.request.stream_known:
+                raise
+            # The stream may have been deleted (history cleanup): create it again, read everything.
+            self.cache.forget_stream(key)
+            plan.request = dataclasses.replace(
+                plan.request, stream_known=False, touch=False, need_history=True, need_memories=True
+            )
+            result = await self.store.run(db_jobs.ingest, plan.request)
+        self.cache.absorb(key, plan, result)
+        return result
+
+    def _log_offline(self, agent: db_jobs.AgentView) -> None:
+        if (agent.tenant_id, agent.agent_id) not in self._offline_logged:
+            self._offline_logged.add((agent.tenant_id, agent.agent_id))
+            log.info("agent %s answers with the OFFLINE responder (no LLM provider configured)", agent.agent_id)
+
+    async def _ask_provider(self, key: StreamKey, inbound: Inbound, result: db_jobs.IngestResult) -> Reply:
+        """The agent's provider's reply (the fallback text if it fails), with a memory if it finds one."""
+        agent = result.agent
+        memories = result.memories or []
+        config = self.defaults.resolve(agent.llm, agent.llm_api_key)
+        provider = self.providers.get(config)
+        if provider.offline:
+            self._log_offline(agent)
+        user_name = inbound.nickname or inbound.user_id
+        history = result.history or []
+        request = chat_request(
+            config, agent.persona, agent.name, memories, history, inbound.text, user_name, prompt=not provider.offline
+        )
+        llm_started = time.perf_counter()
+        error = None
+        try:
+            llm_result = await provider.complete(request)
+            text, model = llm_result.text, llm_result.model
+            outcome = "offline" if llm_result.offline else "ok"
+            prompt_tokens, completion_tokens = llm_result.prompt_tokens, llm_result.completion_tokens
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, LlmError) else f"{type(exc).__name__}: {exc}"
+            log.warning("agent %s: LLM call failed (%s); sending the fallback reply", agent.agent_id, error)
+            self.metrics.llm_errors.labels(provider.name).inc()
+            text, outcome, model, prompt_tokens, completion_tokens = FALLBACK_REPLY, "error", config.model, 0, 0
+        latency_ms = int((time.perf_counter() - llm_started) * 1000)
+        self.metrics.llm_requests.labels(provider.name, outcome).inc()
+        memory = None
+        wants_memory = agent.config.memory.enabled and agent.config.memory.max_memories > 0
+        if error is None and wants_memory and (provider.offline or self.settings.llm_memory_extraction):
+            try:
+                memory = worth_storing(await provider.extract_memory(request, text), memories)
+            except Exception as exc:
+                log.info("agent %s: memory extraction failed: %s", agent.agent_id, exc)
+        return build_reply(
+            inbound,
+            stream_id=key[3],
+            agent_name=agent.name,
+            user_name=user_name,
+            max_memories=agent.config.memory.max_memories,
+            text=text,
+            provider=provider.name,
+            model=model,
+            outcome=outcome,
+            latency_ms=latency_ms,
+            memory=memory,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            error=error,
+        )

@@ -1,0 +1,130 @@
+"""Inbound messages: parse, size check, acknowledgement and dedup, in either protocol.
+
+A connection's "message" events arrive here in order. API-Server envelopes are acknowledged as soon as
+they are read (a duplicate `msg_id` is acknowledged and dropped); what fails a check is answered with
+its error code. A valid chat message goes on to `Streams.accept`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+
+from replier.connections import Connection
+from replier.protocol import API, BadInput, Inbound, parse_api_message, parse_envelope, parse_legacy_message
+from replier.stage import Shared, Stage
+from replier.streams import Streams
+
+MAX_DEDUP = 500_000
+
+
+def _stand_in(value: Any) -> str:
+    """Binary attachments (a Socket.IO binary event) count with their length."""
+    if isinstance(value, bytes):
+        return "x" * len(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def encoded_size(data: Any) -> int:
+    """The size of `data` as JSON (what the client sent, give or take whitespace).
+
+    Inbound data comes from orjson (JSON only) plus, for a binary event, `bytes` attachments; those
+    are counted instead of making the size unknown (which used to let them past the size limit).
+    """
+    return len(orjson.dumps(data, default=_stand_in))
+
+
+def _payload_message_id(payload: Any, *path: str) -> str | None:
+    """The chat message id at `path` inside a rejected payload, if it has one (for the error)."""
+    with contextlib.suppress(KeyError, TypeError):
+        for name in path:
+            payload = payload[name]
+        value = payload["message_id"]
+        return str(value)[:100] if value is not None else None
+    return None
+
+
+class Dedup:
+    """Envelope ids (`msg_id`) seen per tenant+agent, remembered for `ttl` seconds (at most `MAX_DEDUP`)."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+
+    def seen(self, conn: Connection, msg_id: str) -> bool:
+        """Whether this connection's tenant+agent already sent `msg_id`; remembers it if not."""
+        key = (conn.tenant_id, conn.agent_id, msg_id)
+        now = time.monotonic()
+        seen = self._seen
+        while seen:
+            _, expiry = next(iter(seen.items()))
+            if expiry > now and len(seen) < MAX_DEDUP:
+                break
+            seen.popitem(last=False)
+        if key in seen:
+            return True
+        seen[key] = now + self.ttl
+        return False
+
+
+class Intake(Stage):
+    def __init__(self, shared: Shared, streams: Streams) -> None:
+        super().__init__(shared)
+        self.streams = streams
+        self.dedup = Dedup(shared.settings.dedup_ttl_seconds)
+
+    async def on_message(self, sid: str, data: Any = None) -> None:
+        conn = self.connections.get(sid)
+        if conn is None:
+            return
+        inbound = await (self._api(conn, data) if conn.protocol == API else self._legacy(conn, data))
+        if inbound is not None:
+            await self.streams.accept(conn, inbound)
+
+    async def _api(self, conn: Connection, data: Any) -> Inbound | None:
+        try:
+            envelope = parse_envelope(data)
+        except BadInput as exc:
+            await self.outbox.error(conn, exc.code, str(exc))
+            return None
+        if envelope.type == "sys_ack":
+            return None  # never ack an ack
+        if envelope.msg_id:
+            await self.outbox.ack(conn, envelope.msg_id)
+            if self.dedup.seen(conn, envelope.msg_id):
+                self.metrics.duplicates.inc()
+                return None
+        try:
+            if envelope.type != "sys_std":
+                if envelope.type.startswith("custom_"):
+                    raise BadInput(
+                        "unsupported_type", f"custom message type {envelope.type[:60]!r} is not handled here"
+                    )
+                raise BadInput("invalid_envelope", f"unknown envelope type {envelope.type[:60]!r}")
+            self._check_size(data)
+            return parse_api_message(envelope, data, self.settings.max_text_bytes)
+        except BadInput as exc:
+            message_id = _payload_message_id(data, "payload", "message_info")
+            await self.outbox.error(conn, exc.code, str(exc), msg_id=envelope.msg_id, message_id=message_id)
+            return None
+
+    async def _legacy(self, conn: Connection, data: Any) -> Inbound | None:
+        try:
+            self._check_size(data)
+            return parse_legacy_message(data, self.settings.max_text_bytes)
+        except BadInput as exc:
+            message_id = _payload_message_id(data, "message_info")
+            await self.outbox.error(conn, exc.code, str(exc), platform=conn.platform, message_id=message_id)
+            return None
+
+    def _check_size(self, data: Any) -> None:
+        try:
+            size = encoded_size(data)
+        except orjson.JSONEncodeError:  # the only cause for decoded JSON: nesting beyond orjson's 254 levels
+            raise BadInput("invalid_payload", "message nests too deeply") from None
+        if size > self.settings.max_payload_bytes:
+            raise BadInput("payload_too_large", f"message is larger than {self.settings.max_payload_bytes} bytes")

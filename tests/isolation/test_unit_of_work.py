@@ -1,0 +1,109 @@
+"""The one transaction and connection policy (`isolation.db`), and the one write path of chat rows."""
+
+from __future__ import annotations
+
+import pytest
+from peewee import SqliteDatabase
+
+from isolation import IsolationContext, Scoped, fastpath
+from isolation import db as isolation_db
+from isolation.errors import InvalidValueError
+from tests.conftest import DB_KIND
+from tests.isolation.conftest import make_tenant
+
+postgres_only = pytest.mark.skipif(DB_KIND != "postgresql", reason="tenant binding exists on PostgreSQL only")
+
+
+def _bound_tenant() -> str | None:
+    return isolation_db.database.execute_sql("SELECT current_setting('app.tenant_id', true)").fetchone()[0] or None
+
+
+def test_sqlite_reads_run_without_a_transaction_and_writes_begin_immediate(db):
+    if not isinstance(db, SqliteDatabase):
+        pytest.skip("SQLite policy")
+    with isolation_db.unit_of_work("ten_x"):
+        assert not db.in_transaction()
+    with isolation_db.unit_of_work(write=True):
+        assert db.in_transaction()
+        # BEGIN IMMEDIATE took the write lock: a second connection cannot write now.
+        other = SqliteDatabase(db.database, timeout=0.05)
+        with pytest.raises(Exception, match="locked"):
+            other.execute_sql("BEGIN IMMEDIATE")
+        other.close()
+        with isolation_db.unit_of_work("ten_x"):  # a read inside a transaction stays in it
+            assert db.in_transaction()
+
+
+@postgres_only
+def test_postgresql_reads_with_a_tenant_bind_it_in_a_transaction(db):
+    tenant_a, _agents, _account = make_tenant(0)
+    tenant_b, _agents, _account = make_tenant(0)
+    with isolation_db.connection():
+        with isolation_db.unit_of_work():  # nothing to bind: no transaction either
+            assert not db.in_transaction()
+        with isolation_db.unit_of_work(tenant_a):
+            assert db.in_transaction() and _bound_tenant() == tenant_a
+            with isolation_db.unit_of_work(tenant_b):  # nested read: re-bound, no savepoint
+                assert _bound_tenant() == tenant_b
+        with isolation_db.unit_of_work(write=True):
+            assert db.in_transaction() and _bound_tenant() is None
+            with isolation_db.unit_of_work(tenant_a, write=True):
+                assert _bound_tenant() == tenant_a
+
+
+def test_a_nested_write_is_a_savepoint(db):
+    tenant_id, _agents, _account = make_tenant(0)
+    scoped = Scoped(IsolationContext(tenant_id))
+    with isolation_db.unit_of_work(tenant_id, write=True):
+        scoped.tenant.update(name="outer")
+        with pytest.raises(RuntimeError), isolation_db.unit_of_work(tenant_id, write=True):
+            scoped.tenant.update(name="inner")
+            raise RuntimeError("roll the savepoint back")
+    assert scoped.tenant.get()["name"] == "outer"
+
+
+def test_connection_close_and_ping_follow_the_configured_database(db):
+    isolation_db.close_connection()
+    assert db.is_closed()
+    isolation_db.close_connection()  # closing twice is fine
+    with isolation_db.connection():
+        with isolation_db.connection():  # nested: left to the outer block
+            isolation_db.ping()
+        assert not db.is_closed()
+    # SQLite keeps the thread's connection open between uses; a pool gets it back.
+    assert db.is_closed() is (DB_KIND == "postgresql")
+
+
+def _stream(tenant_id: str, agent_id: str) -> IsolationContext:
+    row = Scoped(IsolationContext(tenant_id, agent_id, "qq")).chat_streams.get_or_create(user_id="u1")
+    return IsolationContext(tenant_id, agent_id, "qq", row["id"])
+
+
+def test_managers_and_the_replier_write_chat_rows_the_same_way(db):
+    tenant_id, agents, _account = make_tenant(1)
+    ctx = _stream(tenant_id, agents[0])
+    message = {"direction": "in", "text": "hi", "segments": [{"type": "text"}], "sender_nickname": "n"}
+    usage = {"provider": "p", "model": "m", "outcome": "ok", "prompt_tokens": 2, "latency_ms": 5}
+    by_manager, created = Scoped(ctx).messages.add(message_id="m1", **message)
+    assert created and not Scoped(ctx).messages.add(message_id="m1", **message)[1]
+    Scoped(ctx).llm_usage.record(**usage)
+    with isolation_db.unit_of_work(write=True):
+        session = fastpath.ChatSession(ctx)
+        assert session.insert_message(message_id="m2", **message)
+        session.record_usage(**usage)
+    by_session = Scoped(ctx).messages.by_message_id("m2")
+    volatile = ("id", "message_id", "created_at")
+    assert {k: v for k, v in by_manager.items() if k not in volatile} == {
+        k: v for k, v in by_session.items() if k not in volatile
+    }
+    rows = Scoped(ctx).llm_usage.list()
+    assert len(rows) == 2 and len({(r["provider"], r["prompt_tokens"], r["chat_stream_id"]) for r in rows}) == 1
+    # The same refusals, before anything is written, whoever writes.
+    for bad in ({"text": "a\x00b"}, {"segments": [float("nan")]}):
+        with pytest.raises(InvalidValueError):
+            Scoped(ctx).messages.add(message_id="bad", **(message | bad))
+        with isolation_db.unit_of_work(write=True), pytest.raises(InvalidValueError):
+            fastpath.ChatSession(ctx).insert_message(message_id="bad", **(message | bad))
+    with pytest.raises(InvalidValueError):
+        Scoped(ctx).llm_usage.record(**(usage | {"error": "\x00"}))
+    assert Scoped(ctx).messages.count() == 2
