@@ -13,6 +13,7 @@ decisions below are made there and nowhere else), `close_database()` at shutdown
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,8 +130,7 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
 
 def _sqlite(path: str, busy_timeout_ms: int) -> SqliteDatabase:
     if path != ":memory:":
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        _create_private(path)
     return SqliteDatabase(
         path,
         pragmas={
@@ -141,6 +141,19 @@ def _sqlite(path: str, busy_timeout_ms: int) -> SqliteDatabase:
         },
         timeout=busy_timeout_ms / 1000,
     )
+
+
+def _create_private(path: str) -> None:
+    """Create a new SQLite file (and its folder) readable by its owner only.
+
+    The file holds password hashes and encrypted LLM keys, and on SQLite the file's permissions are the
+    only wall around them; SQLite gives its -wal and -shm files the database file's mode. Existing
+    files and folders keep the permissions the operator chose.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def make_database(url: str, *, app_role: str | None = None, admin: bool = False) -> Database:
