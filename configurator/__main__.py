@@ -19,6 +19,8 @@ from pydantic import ValidationError
 
 from isolation.config import settings_error_message
 from isolation.errors import SchemaVersionError
+from isolation.logredact import install as install_redaction
+from isolation.logredact import uvicorn_log_config
 from isolation.migrate import describe
 
 
@@ -36,6 +38,7 @@ def uvicorn_options(settings) -> dict:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),
+        "log_config": uvicorn_log_config(),  # its handlers redact secrets (the access log shows query strings)
         "proxy_headers": proxies is not None,
         "forwarded_allow_ips": proxies,
         "server_header": False,
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=updates)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_redaction()  # no secret in any line, at any level (see docs/SECURITY.md, "Logs")
     url = settings.database_url
     try:
         init_database(settings)  # refuse to start on an unknown schema, with the command to run

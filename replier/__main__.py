@@ -14,6 +14,8 @@ from isolation import db as isolation_db
 from isolation.config import settings_error_message
 from isolation.crypto import SecretBoxError, check_key
 from isolation.errors import SchemaVersionError
+from isolation.logredact import install as install_redaction
+from isolation.logredact import uvicorn_log_config
 from isolation.migrate import check_schema
 from replier.app import ReplierApp, create_app, http_buffer_limit
 from replier.core.config import get_settings
@@ -59,6 +61,7 @@ def main() -> int:
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("maim_message").setLevel(logging.WARNING)
+    install_redaction()  # no secret in any line, at any level (see docs/SECURITY.md, "Logs")
     soft, _ = raise_nofile_limit()
     # The event loop and the database threads hand work back and forth for every message; the
     # default 5 ms GIL switch interval turns each hand-off into a potential 5 ms stall.
@@ -108,6 +111,7 @@ def main() -> int:
         forwarded_allow_ips=settings.trusted_proxies,
         lifespan="on",
         log_level=settings.log_level.lower(),
+        log_config=uvicorn_log_config(),
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         backlog=4096,

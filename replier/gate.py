@@ -11,11 +11,13 @@ import logging
 import time
 from collections import Counter
 from typing import Any
+from urllib.parse import parse_qsl
 
 from isolation.ids import hash_api_key, utcnow
 from isolation.system import ApiKeyPrincipal, lookup_api_key
 from replier import db_jobs
 from replier.connections import Connection, new_connection_id
+from replier.logthrottle import ThrottledLog
 from replier.protocol import API, LEGACY
 from replier.stage import Shared, Stage
 from replier.store import Store
@@ -24,6 +26,30 @@ log = logging.getLogger("replier")
 
 NEGATIVE_CACHE_SECONDS = 0.5
 MAX_KEY_CACHE = 100_000
+REFUSAL_LOG_SECONDS = 10.0  # one INFO line per (reason, address) per interval, with a count
+QUERY_KEY_NAMES = frozenset({"api_key", "apikey", "key", "token", "access_token"})
+KEY_IN_QUERY = (
+    "api keys are not accepted in the query string (servers and proxies log URLs): "
+    "send it in the x-apikey (or Authorization) header"
+)
+
+
+def key_hint(api_key: str) -> str:
+    """What a log line may say about a presented key: at most the first 8 characters of an `mtk_` key."""
+    if not api_key:
+        return "none"
+    return api_key[:8] if api_key.startswith("mtk_") else "not an mtk_ key"
+
+
+def _query_has_key(environ: dict) -> bool:
+    """Whether the handshake URL's query string carries something named like an API key."""
+    query = environ.get("QUERY_STRING") or ""
+    return any(name.lower() in QUERY_KEY_NAMES for name, _ in parse_qsl(query, keep_blank_values=True))
+
+
+def _address(environ: dict) -> str:
+    client = (environ.get("asgi.scope") or {}).get("client")
+    return client[0] if client else "unknown"
 
 
 class KeyUsage:
@@ -61,6 +87,7 @@ class Gate(Stage):
         self.usage = KeyUsage(shared.store)
         self.accepting = True  # False once draining: connects are refused
         self._key_cache: dict[str, tuple[float, ApiKeyPrincipal | None]] = {}
+        self.refusals = ThrottledLog(log, REFUSAL_LOG_SECONDS)
 
     @property
     def cached_keys(self) -> int:
@@ -68,19 +95,24 @@ class Gate(Stage):
         return len(self._key_cache)
 
     async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
-        if not self.accepting:
-            self._refuse("shutting_down", "server is shutting down")
-        self._check_capacity()
         api_key, protocol, platform = _credentials(environ)
+        named = platform or environ.get("HTTP_X_PLATFORM") or environ.get("HTTP_PLATFORM")  # either, for the log
+        who = (_address(environ), (named or "")[:64] or "-", key_hint(api_key))
+        if not self.accepting:
+            self._refuse("shutting_down", "server is shutting down", who)
+        self._check_capacity(who)
         if not api_key:
-            self._refuse("missing_key", "missing api key: send it in the x-apikey (or Authorization) header")
+            if _query_has_key(environ):
+                self._refuse("key_in_query", KEY_IN_QUERY, who)
+            self._refuse("missing_key", "missing api key: send it in the x-apikey (or Authorization) header", who)
         principal = await self.lookup(api_key)
         if principal is None:
-            self._refuse("invalid_key", "invalid api key")
+            self._refuse("invalid_key", "invalid api key", who)
+        who = (who[0], who[1], f"key id {principal.key_id}")
         reason = principal.refusal()
         if reason:
-            self._refuse(reason.replace(" ", "_"), reason)
-        self._check_capacity()  # again: other connects may have completed while the lookup ran
+            self._refuse(reason.replace(" ", "_"), reason, who)
+        self._check_capacity(who)  # again: other connects may have completed while the lookup ran
         conn = Connection(
             sid=sid,
             connection_id=new_connection_id(),
@@ -101,12 +133,17 @@ class Gate(Stage):
         if conn is not None:
             self.metrics.connections.labels(conn.protocol).dec()
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, who: tuple[str, str, str]) -> None:
         if len(self.connections) >= self.settings.max_connections:
-            self._refuse("server_full", f"server full: at most {self.settings.max_connections} connections")
+            self._refuse("server_full", f"server full: at most {self.settings.max_connections} connections", who)
 
-    def _refuse(self, code: str, reason: str) -> None:
+    def _refuse(self, code: str, reason: str, who: tuple[str, str, str]) -> None:
+        """Count, log (throttled per reason and address) and refuse; `who` is (address, platform, key hint)."""
         self.metrics.refused.labels(code).inc()
+        address, platform, key = who
+        self.refusals.log(
+            code, address, "refused connection from %s: %s (platform %s, key %s)", address, code, platform, key
+        )
         self.outbox.refuse(reason)
 
     async def lookup(self, secret: str) -> ApiKeyPrincipal | None:
@@ -138,7 +175,12 @@ class Gate(Stage):
                 if principal is not None and principal.key_id == key_id and principal.tenant_id == tenant_id:
                     del self._key_cache[digest]
             for conn in self.connections.with_key(tenant_id, key_id):
-                log.info("closing connection %s: its api key is no longer valid", conn.connection_id)
+                log.info(
+                    "closing connection %s: its api key is no longer valid (platform %s, key id %s)",
+                    conn.connection_id,
+                    conn.platform or "-",
+                    key_id,
+                )
                 await self.outbox.close(conn, "key_revoked", "api key revoked or expired; closing")
                 self.metrics.revoked_closed.inc()
                 closed += 1

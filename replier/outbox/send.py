@@ -10,12 +10,14 @@ protocol's messages (acks, replies, errors) for the connection's protocol, and c
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import socketio
 
 from replier.connections import Connection
+from replier.logthrottle import ThrottledLog
 from replier.metrics import Metrics
 from replier.protocol import (
     API,
@@ -31,12 +33,16 @@ from replier.protocol import (
 Refused = socketio.exceptions.ConnectionRefusedError
 
 EVENT = "message"
+REJECTION_LOG_SECONDS = 10.0  # one INFO line per (code, connection) per interval, with a count
+
+log = logging.getLogger("replier")
 
 
 class Outbox:
     def __init__(self, sio: socketio.AsyncServer, metrics: Metrics) -> None:
         self._sio = sio
         self._metrics = metrics
+        self._rejections = ThrottledLog(log, REJECTION_LOG_SECONDS)
 
     def listen(
         self,
@@ -72,8 +78,18 @@ class Outbox:
         message_id: str | None = None,
         platform: str | None = None,
     ) -> None:
-        """An error in the connection's protocol, counted as a rejected message with `code`."""
+        """An error in the connection's protocol, counted and logged (throttled) as a rejected message."""
         self._metrics.rejected.labels(code).inc()
+        self._rejections.log(
+            code,
+            conn.connection_id,
+            "rejected message on connection %s: %s %s (platform %s, key id %s)",
+            conn.connection_id,
+            code,
+            message[:200],
+            conn.platform or "-",
+            conn.key_id,
+        )
         if conn.protocol == API:
             data = build_api_error(code, message, msg_id=msg_id, message_id=message_id)
         else:

@@ -4,6 +4,7 @@ isolation library, and maim_message clients (API-Server and legacy) that collect
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -272,3 +273,18 @@ async def wait_for(predicate, timeout: float = WAIT, interval: float = 0.05):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def socketio_connect(url: str, headers: dict[str, str] | None = None, query: str = "") -> dict | None:
+    """One Socket.IO connect over a raw websocket: the server's refusal (`{"message": ...}`), None if
+    accepted. Cheaper than a maim client (no retries, no background tasks) for bursts of refusals."""
+    import websockets
+
+    async with websockets.connect(f"{url}/?EIO=4&transport=websocket{query}", additional_headers=headers) as ws:
+        assert str(await ws.recv()).startswith("0")  # Engine.IO open
+        await ws.send("40")
+        answer = str(await ws.recv())
+    if answer.startswith("44"):
+        return json.loads(answer[2:])
+    assert answer.startswith("40"), answer
+    return None
