@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass, field
 
@@ -12,6 +13,27 @@ from isolation import IsolationContext, Scoped
 
 PASSWORD = "correct horse battery"
 TEST_SECRET = "test-secret-key-for-the-configurator-suite-0123456789"
+
+
+def server_env(provisioned, port: int, **settings: str) -> dict[str, str]:
+    """The environment of a configurator subprocess on `port` with fast password hashing.
+
+    `ENVIRONMENT` and `FORWARDED_ALLOW_IPS` of the calling shell are dropped unless passed in
+    `settings`: a test states the deployment it runs.
+    """
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "FORWARDED_ALLOW_IPS")},
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "DATABASE_URL": provisioned.url,
+        "SECRET_KEY": TEST_SECRET,
+        "PASSWORD_HASH_TIME_COST": "1",
+        "PASSWORD_HASH_MEMORY_KIB": "8192",
+        **settings,
+    }
+    if provisioned.app_role:
+        env["DATABASE_APP_ROLE"] = provisioned.app_role
+    return env
 
 
 def make_settings(provisioned, **overrides) -> Settings:

@@ -7,14 +7,13 @@ count: rotating the header escaped the 429 (finding 4).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from cfg_helpers import PASSWORD, unique
+from cfg_helpers import PASSWORD, server_env, unique
 
 from configurator.__main__ import uvicorn_options
 from configurator.core.config import Settings
@@ -24,23 +23,7 @@ from testsupport.servers import free_port, healthy, running_server
 @contextmanager
 def configurator(provisioned, log_path: Path, **settings: str) -> Iterator[httpx.Client]:
     port = free_port()
-    env = {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "DATABASE_URL": provisioned.url,
-        "SECRET_KEY": "proxy-test-secret-key-0123456789abcdef",
-        "PASSWORD_HASH_TIME_COST": "1",
-        "PASSWORD_HASH_MEMORY_KIB": "8192",
-        "LOGIN_RATE_LIMIT": "3",
-        "LOGIN_ADDRESS_RATE_LIMIT": "4",
-        **settings,
-    }
-    env.pop("ENVIRONMENT", None)
-    if "FORWARDED_ALLOW_IPS" not in settings:
-        env.pop("FORWARDED_ALLOW_IPS", None)
-    if provisioned.app_role:
-        env["DATABASE_APP_ROLE"] = provisioned.app_role
+    env = server_env(provisioned, port, LOGIN_RATE_LIMIT="3", LOGIN_ADDRESS_RATE_LIMIT="4", **settings)
     base = f"http://127.0.0.1:{port}"
     with (
         running_server(

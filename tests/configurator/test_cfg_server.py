@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from cfg_helpers import server_env
 
 from isolation import system
 from testsupport.servers import free_port, healthy, running_server
@@ -17,19 +17,7 @@ from testsupport.servers import free_port, healthy, running_server
 @pytest.fixture
 def server(provisioned, tmp_path: Path):
     port = free_port()
-    env = {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "DATABASE_URL": provisioned.url,
-        "SECRET_KEY": "server-test-secret-key-0123456789abcdef",
-        "PASSWORD_HASH_TIME_COST": "1",
-        "PASSWORD_HASH_MEMORY_KIB": "8192",
-        "LOG_LEVEL": "debug",
-    }
-    env.pop("ENVIRONMENT", None)
-    if provisioned.app_role:
-        env["DATABASE_APP_ROLE"] = provisioned.app_role
+    env = server_env(provisioned, port, LOG_LEVEL="debug")
     log_path = tmp_path / "server.log"
     base = f"http://127.0.0.1:{port}"
     with running_server(
