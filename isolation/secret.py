@@ -101,6 +101,13 @@ def _create_secret_file(path: Path) -> None:
             os.link(temporary, path)  # atomic, and never replaces an existing secret
     finally:
         temporary.unlink(missing_ok=True)
+    # The new name must survive a power loss too: agents' LLM keys are encrypted with this secret as
+    # soon as it is read, and a secret lost with its directory entry would make them unreadable.
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def secret_from_data_dir(data_dir: Path | str) -> str:
