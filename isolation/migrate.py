@@ -15,9 +15,9 @@ from isolation.config import get_base_settings
 from isolation.db import make_database, parse_database_url
 from isolation.errors import SchemaVersionError
 from isolation.ids import utcnow
-from isolation.migrations import m0001_initial, m0002_agent_templates, m0003_security
+from isolation.migrations import m0001_initial, m0002_agent_templates, m0003_security, m0004_delivery
 
-MIGRATIONS: tuple[ModuleType, ...] = (m0001_initial, m0002_agent_templates, m0003_security)
+MIGRATIONS: tuple[ModuleType, ...] = (m0001_initial, m0002_agent_templates, m0003_security, m0004_delivery)
 LATEST_VERSION: int = MIGRATIONS[-1].VERSION
 # Functions of applied migrations that the application no longer calls: the role loses them at the
 # next upgrade. `mt_tenants_with_prefix` matched tenants by their (customer-chosen) names for cleanup.

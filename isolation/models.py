@@ -209,6 +209,9 @@ class Message(TenantModel):
     segments = JSONField()
     reply_to = SafeCharField(null=True)
     created_at = DateTimeField()
+    delivered_at = DateTimeField(null=True)  # reply rows: handed to a connection (m0004)
+    content_hash = SafeCharField(null=True)  # inbound rows: SHA-256 of the content (m0004)
+    platform_message_id = SafeCharField(null=True)  # reply rows: the platform's id, from an echo (m0004)
 
     class Meta:
         table_name = "messages"
