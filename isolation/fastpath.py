@@ -45,9 +45,12 @@ class ChatSession:
         """
         return sql.insert_message(self._scope, fields)[1]
 
-    def insert_reply_with_usage(self, reply: dict, usage: dict) -> None:
-        """`insert_message(**reply)` and `record_usage(**usage)`; one statement on PostgreSQL."""
-        sql.insert_reply_with_usage(self._scope, reply, usage)
+    def insert_reply_with_usage(self, reply: dict, usage: dict) -> bool:
+        """`insert_message(**reply)` and `record_usage(**usage)`; one statement on PostgreSQL.
+
+        False when the reply id was already stored: nothing is written (the database decides which
+        answer to a message stands, across processes)."""
+        return sql.insert_reply_with_usage(self._scope, reply, usage)
 
     def message_text(self, message_id: str) -> str | None:
         """The text of one of the stream's messages by its message id, or None."""

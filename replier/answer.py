@@ -54,8 +54,12 @@ class Answerer(Stage):
         )
         self._offline_logged: set[tuple[str, str]] = set()
 
-    async def process(self, key: StreamKey, sid: str, inbound: Inbound, started: float) -> None:
-        """Answer `inbound` (sent by connection `sid` at `started`) to every connection in its stream."""
+    async def process(self, key: StreamKey, sid: str | None, inbound: Inbound, started: float) -> None:
+        """Answer `inbound` (sent by connection `sid` at `started`) to one connection of its stream.
+
+        The reply goes to the sender, or to one other connection if the sender is gone
+        (`ConnectionRegistry.reply_target`), never to several.
+        """
         try:
             result = await self._ingest(key, inbound)
         except NotFound:
@@ -64,7 +68,7 @@ class Answerer(Stage):
         agent = result.agent
         if not result.created and result.reply is not None:
             self.metrics.duplicates.inc()
-            conn = self.connections.get(sid)
+            conn = self.connections.get(sid) if sid is not None else None
             if conn is not None:
                 await self.outbox.reply(
                     [conn],
@@ -84,21 +88,33 @@ class Answerer(Stage):
             self._log_offline(agent)
         else:
             reply = await self._ask_provider(key, inbound, result)
-            await self.store.run(db_jobs.complete, _context(key), reply)
+            stored = await self.store.run(db_jobs.complete, _context(key), reply)
+            if stored is not None:  # answered first elsewhere: that answer stands
+                reply = db_jobs.superseded(reply, stored)
+        if reply.metadata.get("replayed"):
+            self.metrics.duplicates.inc()
         self.cache.remember(key, inbound, reply)
-        sent = await self.outbox.reply(
-            self.connections.targets(key),
+        sent = await self.deliver(key, sid, inbound, reply)
+        if sent:
+            self.metrics.reply_latency.observe(time.perf_counter() - started)
+
+    async def deliver(self, key: StreamKey, sid: str | None, inbound: Inbound, reply: Reply) -> int:
+        """Send `reply` to the one connection it goes to; how many were sent (0 or 1)."""
+        conn = self.connections.reply_target(key, sid, inbound.protocol, inbound.platform)
+        if conn is None:
+            return 0
+        self.connections.subscribe(conn, key)
+        return await self.outbox.reply(
+            [conn],
             inbound,
             reply_id=reply.reply_id,
             text=reply.text,
             agent_name=reply.agent_name,
             metadata=reply.metadata,
         )
-        if sent:
-            self.metrics.reply_latency.observe(time.perf_counter() - started)
 
-    async def _tell_sender(self, sid: str, inbound: Inbound, code: str, message: str) -> None:
-        conn = self.connections.get(sid)
+    async def _tell_sender(self, sid: str | None, inbound: Inbound, code: str, message: str) -> None:
+        conn = self.connections.get(sid) if sid is not None else None
         if conn is not None:
             await self.outbox.reply_error(conn, inbound, code, message)
 

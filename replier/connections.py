@@ -3,6 +3,12 @@
 Connection ids are generated here (never the client's `x-uuid`). The stream index is keyed by the
 full context (tenant, agent, platform, chat stream), so a reply can only reach connections that
 authenticated as that tenant's agent and spoke in that very stream.
+
+A reply goes to exactly one connection (`reply_target`): the one that sent the message; if it is
+gone, one other connection of the stream (same protocol and platform first); if the stream has none,
+one connection of the agent on that platform (an adapter serves every chat of its platform: this is
+how a reply made after a restart, by recovery, reaches the adapter that reconnected). Never several:
+two adapters of one agent in one group would both post it.
 """
 
 from __future__ import annotations
@@ -75,6 +81,35 @@ class ConnectionRegistry:
             if conn is not None and conn.tenant_id == key[0] and conn.agent_id == key[1]:
                 conns.append(conn)
         return conns
+
+    def reply_target(
+        self, key: StreamKey, sid: str | None, protocol: str | None = None, platform: str | None = None
+    ) -> Connection | None:
+        """The one connection a reply in stream `key` goes to (see the module docstring), or None.
+
+        `sid` is the sender's connection (None for a recovered message); `protocol` and `platform`
+        are the original message's, used to prefer a connection that speaks like the sender.
+        """
+        tenant_id, agent_id = key[0], key[1]
+        if sid is not None:
+            conn = self.by_sid.get(sid)
+            if conn is not None and conn.tenant_id == tenant_id and conn.agent_id == agent_id:
+                return conn
+        platform = platform or key[2]
+        candidates = self.targets(key)
+        if not candidates:
+            candidates = [
+                c
+                for c in self.by_sid.values()
+                if c.tenant_id == tenant_id and c.agent_id == agent_id and c.platform == platform
+            ]
+        if not candidates:
+            return None
+        # Deterministic: the best match, then the longest-connected (its streams are the stablest).
+        return min(
+            candidates,
+            key=lambda c: (c.protocol != protocol, c.platform != platform, c.connected_at, c.connection_id),
+        )
 
     def keys_by_tenant(self) -> dict[str, set[str]]:
         """Key ids of open connections grouped by tenant (for revocation checks)."""

@@ -3,6 +3,7 @@ and touch tenant data only through the isolation library's scoped managers."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -170,7 +171,9 @@ def ingest(request: IngestRequest) -> IngestResult:
     if offline is not None and offline.defaults.resolve(agent.llm, agent.llm_api_key).kind == "offline":
         memories = result.memories if result.memories is not None else offline.memories
         result.answer = answer_offline(agent, inbound, stream_id, memories)
-        complete(chat_ctx, result.answer, session=session)
+        stored = complete(chat_ctx, result.answer, session=session)
+        if stored is not None:
+            result.answer = superseded(result.answer, stored)
     return result
 
 
@@ -203,10 +206,15 @@ def answer_offline(agent: AgentView, inbound: Inbound, stream_id: str, memories:
     )
 
 
-def complete(ctx: IsolationContext, reply: Reply, session: fastpath.ChatSession | None = None) -> None:
-    """Store the reply, its usage row and an optional chat memory."""
+def complete(ctx: IsolationContext, reply: Reply, session: fastpath.ChatSession | None = None) -> str | None:
+    """Store the reply, its usage row and an optional chat memory; None when stored.
+
+    When the message already has a stored reply (another process or a recovery pass answered it
+    first), nothing is written and the stored reply's text is returned: that answer stands, so a
+    message is never answered twice, whichever process finishes first.
+    """
     session = session if session is not None and session.ctx == ctx else fastpath.ChatSession(ctx)
-    session.insert_reply_with_usage(
+    inserted = session.insert_reply_with_usage(
         {
             "message_id": reply.reply_id,
             "direction": "out",
@@ -218,8 +226,17 @@ def complete(ctx: IsolationContext, reply: Reply, session: fastpath.ChatSession 
         },
         reply.usage,
     )
+    if not inserted:
+        return session.message_text(reply.reply_id) or ""
     if reply.memory:
         Scoped(ctx).memories.add(reply.memory, level="chat", source=reply.memory_source)
+    return None
+
+
+def superseded(reply: Reply, stored_text: str) -> Reply:
+    """`reply` replaced by the answer stored first (it is the one sent, marked as a replay)."""
+    metadata = {**reply.metadata, "replayed": True}
+    return dataclasses.replace(reply, text=stored_text, memory=None, metadata=metadata)
 
 
 def key_statuses(by_tenant: dict[str, set[str]]) -> dict[tuple[str, str], dict | None]:

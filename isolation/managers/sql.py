@@ -172,7 +172,7 @@ def agent_page(tenant_id: str, agent_id: str | None, limit: int, offset: int) ->
 # ---- chat rows: the one write path of messages and usage, and the replier's reads ------------
 _MESSAGE_COLUMNS = (
     "tenant_id, id, agent_id, platform, chat_stream_id, message_id, direction, "
-    "sender_user_id, sender_nickname, text, segments, reply_to, created_at"
+    "sender_user_id, sender_nickname, text, segments, reply_to, content_hash, created_at"
 )
 _USAGE_COLUMNS = (
     "tenant_id, id, agent_id, platform, chat_stream_id, provider, model, "
@@ -184,17 +184,23 @@ _STREAM_FILTER = "tenant_id = {p} AND agent_id = {p} AND platform = {p} AND chat
 @lru_cache(maxsize=2)
 def _chat_sql(p: str) -> dict[str, str]:
     stream = _STREAM_FILTER.format(p=p)
-    values = ", ".join([p] * 13)
+    message_values = ", ".join([p] * 14)
+    usage_values = ", ".join([p] * 13)
     insert_message = (
-        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({values}) "
+        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({message_values}) "
         "ON CONFLICT (tenant_id, chat_stream_id, message_id) DO NOTHING"
     )
-    insert_usage = f"INSERT INTO llm_usage ({_USAGE_COLUMNS}) VALUES ({values})"
+    insert_usage = f"INSERT INTO llm_usage ({_USAGE_COLUMNS}) VALUES ({usage_values})"
     return {
         "insert_message": insert_message,
         "insert_usage": insert_usage,
-        # PostgreSQL: a reply and its usage row in one round trip (a data-modifying CTE).
-        "reply_and_usage": f"WITH reply AS ({insert_message} RETURNING 1) {insert_usage}",
+        # PostgreSQL: a reply and its usage row in one round trip (a data-modifying CTE). The usage
+        # row is written only when the reply was (an answer stored first by another process or a
+        # recovery pass keeps its own usage row: nothing is counted twice).
+        "reply_and_usage": (
+            f"WITH reply AS ({insert_message} RETURNING 1) INSERT INTO llm_usage ({_USAGE_COLUMNS}) "
+            f"SELECT {usage_values} WHERE EXISTS (SELECT 1 FROM reply)"
+        ),
         "message_text": f"SELECT text FROM messages WHERE {stream} AND message_id = {p}",
         "recent": (
             "SELECT message_id, direction, text, sender_user_id, sender_nickname FROM messages "
@@ -224,14 +230,15 @@ def _message_params(
     sender_user_id: str | None = None,
     sender_nickname: str | None = None,
     reply_to: str | None = None,
+    content_hash: str | None = None,
     created_at: datetime | None = None,
 ) -> tuple:
-    """The 13 values of a `messages` row; `InvalidValueError`/`ValueError` before anything is written."""
+    """The 14 values of a `messages` row; `InvalidValueError`/`ValueError` before anything is written."""
     if direction not in ("in", "out"):
         raise ValueError("direction must be 'in' or 'out'")
-    for value in (message_id, text, sender_user_id, sender_nickname, reply_to):
+    for value in (message_id, text, sender_user_id, sender_nickname, reply_to, content_hash):
         refuse_nul(value)
-    values = (message_id, direction, sender_user_id, sender_nickname, text, json_text(segments), reply_to)
+    values = (message_id, direction, sender_user_id, sender_nickname, text, json_text(segments), reply_to, content_hash)
     return _chat_row(scope, "msg", values, created_at)
 
 
@@ -268,14 +275,17 @@ def insert_usage(scope: Scope, fields: dict) -> str:
     return params[1]
 
 
-def insert_reply_with_usage(scope: Scope, reply: dict, usage: dict) -> None:
-    """`insert_message(reply)` and `insert_usage(usage)`; one statement on PostgreSQL."""
+def insert_reply_with_usage(scope: Scope, reply: dict, usage: dict) -> bool:
+    """`insert_message(reply)` and, only when that inserted, `insert_usage(usage)`; one statement on
+    PostgreSQL. False when the reply's message id was already stored (another process or a recovery
+    pass answered first): nothing is written, the stored reply stands."""
     if not _db.is_postgres():
-        insert_message(scope, reply)
+        if not insert_message(scope, reply)[1]:
+            return False
         insert_usage(scope, usage)
-        return
+        return True
     params = _message_params(scope, **reply) + _usage_params(scope, **usage)
-    _execute(_chat_sql(_db.database.obj.param)["reply_and_usage"], params)
+    return _execute(_chat_sql(_db.database.obj.param)["reply_and_usage"], params).rowcount == 1
 
 
 def message_text(scope: Scope, message_id: str) -> str | None:

@@ -83,13 +83,18 @@ def test_reply_with_usage_writes_both_rows_in_the_stream(streams):
     a = streams["a"]
     with isolation_db.unit_of_work(write=True):
         session = fastpath.ChatSession(a)
-        session.insert_reply_with_usage(
+        assert session.insert_reply_with_usage(
             {"message_id": "r1", "direction": "out", "text": "answer", "segments": [], "sender_nickname": "bot"},
             {"provider": "openai", "model": "m", "outcome": "error", "error": "HTTP 500", "latency_ms": 12},
         )
-        # A replayed reply id keeps the first text; the usage row is still recorded.
-        session.insert_reply_with_usage(
+        # A second answer to the same message (another process, a recovery pass) is not stored: the
+        # first text stays, the insert says so, and its usage row is not counted.
+        assert not session.insert_reply_with_usage(
             {"message_id": "r1", "direction": "out", "text": "other", "segments": []},
+            {"provider": "openai", "model": "m", "outcome": "ok", "completion_tokens": 4},
+        )
+        assert session.insert_reply_with_usage(
+            {"message_id": "r2", "direction": "out", "text": "second", "segments": []},
             {"provider": "openai", "model": "m", "outcome": "ok", "completion_tokens": 4},
         )
     reply = Scoped(a).messages.by_message_id("r1")

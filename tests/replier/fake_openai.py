@@ -5,6 +5,7 @@ Behaviour is chosen by the requested model name:
 * `fake-500`: HTTP 500 every time;
 * `fake-slow`: sleeps longer than any test timeout before answering;
 * `fake-delay`: answers like `fake-echo` after one second (a reply in flight at shutdown);
+* `fake-sleep-<seconds>`: answers like `fake-echo` after that many seconds (LLM calls in flight at a crash);
 * `fake-nomemory`: answers like `fake-echo`, but memory-extraction requests get HTTP 500;
 * `fake-malformed` / `fake-empty` / `fake-notjson` / `fake-400`: a response without choices, an
   empty reply, a 200 that is not JSON, and a non-retryable HTTP 400;
@@ -63,6 +64,8 @@ class FakeOpenAI:
             await asyncio.sleep(5)
         if model == "fake-delay":
             await asyncio.sleep(1)
+        if model.startswith("fake-sleep-"):
+            await asyncio.sleep(float(model.removeprefix("fake-sleep-")))
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         if "extract one short fact" in system:
