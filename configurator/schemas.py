@@ -278,6 +278,9 @@ class MessageOut(BaseModel):
     text: str
     segments: Any
     reply_to: str | None
+    platform_message_id: str | None = Field(
+        default=None, description="replies: the platform's id of the delivered message (from the adapter's echo)"
+    )
     created_at: UtcDateTime
 
 

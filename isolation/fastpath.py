@@ -56,6 +56,11 @@ class ChatSession:
         """The text of one of the stream's messages by its message id, or None."""
         return sql.message_text(self._scope, message_id)
 
+    def set_platform_message_id(self, reply_id: str, platform_message_id: str) -> bool:
+        """Store the platform's id of the stream's reply `reply_id` (from an adapter's echo); False
+        when the stream has no such reply."""
+        return sql.set_platform_message_id(self._scope, reply_id, platform_message_id)
+
     def recent_messages(self, limit: int) -> list[dict]:
         """The stream's last `limit` messages, oldest first (message_id, direction, text, sender ids)."""
         if limit < 1:

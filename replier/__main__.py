@@ -17,8 +17,10 @@ from isolation.errors import SchemaVersionError
 from isolation.logredact import install as install_redaction
 from isolation.logredact import uvicorn_log_config
 from isolation.migrate import check_schema
-from replier.app import ReplierApp, create_app, http_buffer_limit
-from replier.core.config import get_settings
+from isolation.system import lookup_api_key
+from replier import keyless as keyless_listener
+from replier.app import ReplierApp, create_app, http_buffer_limit, media_buffer_limit
+from replier.core.config import ReplierSettings, get_settings
 
 log = logging.getLogger("replier")
 
@@ -52,6 +54,34 @@ class ReplierServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def announce_keyless(listener: keyless_listener.KeylessListener) -> str | None:
+    """Check the keyless listener's key in the database (configured) and say loudly what it serves;
+    the reason it cannot be used otherwise. The key itself is never logged."""
+    principal = lookup_api_key(listener.secret)
+    if principal is None:
+        return "the keyless listener's api key is unknown (deleted, or never created)"
+    reason = principal.refusal()
+    if reason:
+        return f"the keyless listener's {reason}"
+    host, port = listener.address
+    log.warning(
+        "KEYLESS LISTENER on %s:%d: connections there without a key speak as api key id %s (tenant %s, agent %s)."
+        " Anyone who can reach this address can chat as that agent; revoke the key to close them.",
+        host,
+        port,
+        principal.key_id,
+        principal.tenant_id,
+        principal.agent_id,
+    )
+    return None
+
+
+def websocket_limit(settings: ReplierSettings) -> int:
+    """uvicorn's `ws_max_size`: the authenticated limit with the websockets-sansio implementation (the
+    edge lowers it per connection until authentication), the pre-auth limit with any other."""
+    return media_buffer_limit(settings) if settings.ws_impl == "websockets-sansio" else http_buffer_limit(settings)
+
+
 def main() -> int:
     try:
         settings = get_settings()
@@ -67,9 +97,19 @@ def main() -> int:
     # default 5 ms GIL switch interval turns each hand-off into a potential 5 ms stall.
     sys.setswitchinterval(settings.gil_switch_interval)
     try:
+        keyless = keyless_listener.bind(settings)
+    except keyless_listener.KeylessError as exc:
+        print(f"replier: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    keyless_listener.remove_from_environment()
+    try:
         real = isolation_db.configure(settings.database_url)
         check_schema(real)
+        problem = announce_keyless(keyless) if keyless is not None else None
         real.close()
+        if problem:
+            print(f"replier: refusing to start: {problem}", file=sys.stderr)
+            return 2
     except SchemaVersionError as exc:
         print(f"replier: refusing to start: {exc}", file=sys.stderr)
         return 2
@@ -96,7 +136,7 @@ def main() -> int:
     except ImportError:
         http = "h11"
     log.info("open-files limit %d, loop %s, http %s", soft, loop, http)
-    app = create_app(settings)
+    app = create_app(settings, keyless)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -104,7 +144,7 @@ def main() -> int:
         loop=loop,
         http=http,
         ws=settings.ws_impl,
-        ws_max_size=http_buffer_limit(settings),  # a larger frame is refused (1009) before it is buffered
+        ws_max_size=websocket_limit(settings),  # a larger frame is refused (1009) before it is buffered
         # X-Forwarded-For decides the client address (and so the per-address limit): trusted only from
         # the proxies FORWARDED_ALLOW_IPS names. uvicorn's default trusts it from 127.0.0.1.
         proxy_headers=settings.trusted_proxies is not None,
@@ -117,8 +157,11 @@ def main() -> int:
         backlog=4096,
     )
     # uvicorn re-raises Ctrl-C after its graceful shutdown, which is already complete by then.
+    sockets = None
+    if keyless is not None:  # one server, two sockets: the main one and the keyless listener
+        sockets = [config.bind_socket(), keyless.sock]
     with contextlib.suppress(KeyboardInterrupt):
-        ReplierServer(config, app).run()
+        ReplierServer(config, app).run(sockets=sockets)
     return 0
 
 

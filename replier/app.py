@@ -18,6 +18,7 @@ from isolation import db as isolation_db
 from isolation.migrate import check_schema, describe
 from replier.core.config import ReplierSettings, get_settings
 from replier.edge import Edge
+from replier.keyless import KeylessListener
 from replier.metrics import Metrics
 from replier.outbox import Outbox
 from replier.outbox.frames import MalformedFrames
@@ -37,8 +38,15 @@ def _ping_database() -> bool:
 
 
 def http_buffer_limit(settings: ReplierSettings) -> int:
-    """The largest polling body or websocket frame accepted (Engine.IO's `max_http_buffer_size`)."""
+    """The largest polling body or websocket frame accepted before authentication."""
     return max(1_000_000, settings.max_payload_bytes * 4)
+
+
+def media_buffer_limit(settings: ReplierSettings) -> int:
+    """The largest polling body or websocket frame of an authenticated session (Engine.IO's
+    `max_http_buffer_size`, uvicorn's `ws_max_size`): the largest message (`max_message_bytes`, room for
+    inline media) plus Engine.IO/Socket.IO framing."""
+    return max(http_buffer_limit(settings), settings.max_message_bytes + 64 * 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +62,9 @@ class ReplierApp:
         await self.asgi(scope, receive, send)
 
 
-def create_app(settings: ReplierSettings | None = None) -> ReplierApp:
-    """Build the app. The database is configured and checked in the lifespan (at start-up)."""
+def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener | None = None) -> ReplierApp:
+    """Build the app. The database is configured and checked in the lifespan (at start-up).
+    `keyless`: the bound keyless listener (replier.keyless), if the operator turned it on."""
     settings = settings or get_settings()
     metrics = Metrics()
     guard = SessionGuard(
@@ -70,10 +79,11 @@ def create_app(settings: ReplierSettings | None = None) -> ReplierApp:
         malformed=malformed,
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
-        max_http_buffer_size=http_buffer_limit(settings),
+        max_http_buffer_size=media_buffer_limit(settings),
     )
     store = Store(workers=1, batch_max=settings.db_batch_max)
     replier = Replier(settings, Outbox(sio, metrics), metrics, store)
+    replier.gate.keyless = keyless
 
     async def health(request: Request) -> JSONResponse:
         try:
@@ -145,5 +155,7 @@ def create_app(settings: ReplierSettings | None = None) -> ReplierApp:
         guard=guard,
         malformed=malformed,
         metrics=metrics,
+        media_limit=media_buffer_limit(settings),
+        large_per_tenant=settings.max_large_messages_per_tenant,
     )
     return ReplierApp(edge, replier, settings)

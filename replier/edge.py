@@ -17,12 +17,24 @@ the client left. So before Engine.IO sees a request under the Socket.IO path, th
   a websocket, the same status through the ASGI websocket.http.response extension, or a close).
 
 Other paths (/health, /metrics) only get the Content-Length check.
+
+Two sizes: `limit` before authentication (and on every other path), `media_limit` for a session whose
+Socket.IO connect was accepted (a message with inline images, up to MAX_MEDIA_BYTES). A polling POST
+gets the limit of its session; a websocket's frame limit is uvicorn's (`ws_max_size`, set to
+`media_limit`) lowered to `limit` on the connection itself until it authenticates (`FrameLimit`: the
+websockets-sansio implementation reads its `max_message_size` before each frame, so a frame announcing
+more is refused from its header, 1009). Memory: uvicorn reads one websocket message per connection
+and pauses until the app takes it, and a polling body is read here; bodies over `limit` take one of
+their tenant's `max_large_per_tenant` slots (`LargeBodies`) while they are read and processed, so one
+tenant's many large messages wait for each other instead of all being decoded at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import parse_qs
 
 from replier.outbox.frames import MalformedFrames, polling_payload_problem, websocket_frame_problem
@@ -91,6 +103,56 @@ async def respond(send, status: int, message: str, headers: list | None = None) 
     await send({"type": "http.response.body", "body": message.encode()})
 
 
+class LargeBodies:
+    """Per tenant, how many bodies over the pre-auth limit are being read or processed at once.
+
+    A tenant beyond `per_tenant` waits (its websocket is not read meanwhile, its polling body stays
+    unread in the socket): one tenant's large messages queue behind each other and never take
+    another tenant's turn. Slots are per tenant only, so there is no shared pool to exhaust."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._users: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant_id: str) -> AsyncIterator[None]:
+        semaphore = self._slots.get(tenant_id)
+        if semaphore is None:
+            semaphore = self._slots[tenant_id] = asyncio.Semaphore(self.per_tenant)
+        self._users[tenant_id] = self._users.get(tenant_id, 0) + 1
+        try:
+            async with semaphore:
+                yield
+        finally:
+            left = self._users[tenant_id] - 1
+            if left:
+                self._users[tenant_id] = left
+            else:  # nobody holds or waits: forget the tenant
+                del self._users[tenant_id]
+                del self._slots[tenant_id]
+
+    def in_use(self, tenant_id: str) -> int:
+        """Slots held or awaited by the tenant (for tests and /health)."""
+        return self._users.get(tenant_id, 0)
+
+
+def frame_limit_setter(receive, small: int, large: int) -> Callable[[bool], None] | None:
+    """A function setting a websocket's own frame limit (`large` once authenticated), or None when the
+    ASGI server's websocket is not uvicorn's websockets-sansio one (then `ws_max_size` alone applies).
+
+    uvicorn hands the app the protocol's bound `receive`; its `conn` is the `websockets` ServerProtocol,
+    which reads `max_message_size` for every new frame."""
+    conn = getattr(getattr(receive, "__self__", None), "conn", None)
+    if conn is None or not isinstance(getattr(conn, "max_message_size", None), int):
+        return None
+
+    def set_limit(authenticated: bool) -> None:
+        conn.max_message_size = large if authenticated else small
+
+    return set_limit
+
+
 class Edge:
     """ASGI middleware around the Socket.IO app (see the module docstring)."""
 
@@ -104,14 +166,18 @@ class Edge:
         guard: SessionGuard,
         malformed: MalformedFrames,
         metrics,
+        media_limit: int | None = None,
+        large_per_tenant: int = 4,
     ) -> None:
         self.app = app
         self.path = "/" + path.strip("/") + "/"
         self.limit = limit
+        self.media_limit = max(limit, media_limit or limit)
         self.body_timeout = body_timeout
         self.guard = guard
         self.malformed = malformed
         self.metrics = metrics
+        self.large = LargeBodies(large_per_tenant)
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -120,11 +186,14 @@ class Edge:
             if length == _INVALID:
                 await self._refuse_http(send, BAD_CONTENT_LENGTH, 400, "invalid Content-Length")
                 return
-            if length is not None and length > self.limit:
-                await self._refuse_http(send, BODY_TOO_LARGE, 413, f"request body over {self.limit} bytes")
+            ours = self._ours(scope)
+            limit = self._body_limit(scope) if ours else self.limit
+            if length is not None and length > limit:
+                self._log_large(scope, length, limit)
+                await self._refuse_http(send, BODY_TOO_LARGE, 413, f"request body over {limit} bytes")
                 return
-            if self._ours(scope):
-                await self._polling(scope, receive, send)
+            if ours:
+                await self._polling(scope, receive, send, limit)
                 return
         elif kind == "websocket" and self._ours(scope):
             await self._websocket(scope, receive, send)
@@ -135,21 +204,39 @@ class Edge:
         path = scope["path"]
         return (path if path.endswith("/") else path + "/").startswith(self.path)
 
+    def _session_of(self, scope: dict) -> Session | None:
+        sid = _query(scope).get("sid", [None])[0]
+        return self.guard.sessions.get(sid) if sid is not None else None
+
+    def _body_limit(self, scope: dict) -> int:
+        """`media_limit` for a POST to an authenticated session, else `limit`."""
+        if scope.get("method") != "POST":
+            return self.limit
+        session = self._session_of(scope)
+        return self.media_limit if session is not None and session.authenticated else self.limit
+
+    def _log_large(self, scope: dict, size: int, limit: int) -> None:
+        """An authenticated client's body over the limit is logged (its connection then ends)."""
+        if limit == self.media_limit and limit > self.limit:
+            log.warning(
+                "refused a %d-byte request from %s: over the %d-byte message limit (MAX_MEDIA_BYTES)",
+                size,
+                client_address(scope),
+                limit,
+            )
+
     # -- HTTP long-polling ---------------------------------------------------------------------
-    async def _polling(self, scope, receive, send) -> None:
+    async def _polling(self, scope, receive, send, limit: int | None = None) -> None:
         method = scope.get("method")
         if method == "POST":
-            body = await self._read_body(receive, send)
-            if body is None:
+            limit = limit or self.limit
+            session = self._session_of(scope)
+            tenant = session.tenant_id if session is not None and limit > self.limit else None
+            if tenant is not None and (_declared_length(scope) or limit) > self.limit:
+                async with self.large.slot(tenant):
+                    await self._post(scope, receive, send, limit)
                 return
-            problem = polling_payload_problem(body)
-            if problem is not None:
-                self.malformed.note(client_address(scope), problem)
-                await self._refuse_http(send, MALFORMED_PAYLOAD, 400, "malformed payload")
-                return
-            headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _BODY_HEADERS]
-            headers.append((b"content-length", str(len(body)).encode()))
-            await self.app({**scope, "headers": headers}, _replay(body, receive), send)
+            await self._post(scope, receive, send, limit)
             return
         if method != "GET" or "sid" in _query(scope):
             await self.app(scope, receive, send)
@@ -163,8 +250,23 @@ class Edge:
             if session.sid is None:  # no Engine.IO session came of it (a bad request)
                 self.guard.release(session)
 
-    async def _read_body(self, receive, send) -> bytes | None:
+    async def _post(self, scope, receive, send, limit: int) -> None:
+        """A polling POST: the whole body read here (at most `limit`), checked, then handed to Engine.IO."""
+        body = await self._read_body(receive, send, limit, scope)
+        if body is None:
+            return
+        problem = polling_payload_problem(body)
+        if problem is not None:
+            self.malformed.note(client_address(scope), problem)
+            await self._refuse_http(send, MALFORMED_PAYLOAD, 400, "malformed payload")
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _BODY_HEADERS]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.app({**scope, "headers": headers}, _replay(body, receive), send)
+
+    async def _read_body(self, receive, send, limit: int | None = None, scope: dict | None = None) -> bytes | None:
         """The whole body, at most `limit` bytes, within `body_timeout`; None once answered or gone."""
+        limit = limit or self.limit
         chunks: list[bytes] = []
         size = 0
         try:
@@ -175,8 +277,10 @@ class Edge:
                         return None  # the client left
                     chunk = event.get("body", b"")
                     size += len(chunk)
-                    if size > self.limit:
-                        await self._refuse_http(send, BODY_TOO_LARGE, 413, f"request body over {self.limit} bytes")
+                    if size > limit:
+                        if scope is not None:
+                            self._log_large(scope, size, limit)
+                        await self._refuse_http(send, BODY_TOO_LARGE, 413, f"request body over {limit} bytes")
                         return None
                     chunks.append(chunk)
                     if not event.get("more_body", False):
@@ -224,6 +328,12 @@ class Edge:
             session = self.guard.sessions.get(sid)
         address = client_address(scope)
         closed = False
+        set_limit = frame_limit_setter(receive, self.limit, self.media_limit)
+        if set_limit is not None:
+            set_limit(session is not None and session.authenticated)
+            if session is not None:
+                session.set_frame_limit = set_limit
+        held: contextlib.AbstractAsyncContextManager | None = None
 
         async def guarded_send(message: dict) -> None:
             nonlocal closed
@@ -234,6 +344,10 @@ class Edge:
             await send(message)
 
         async def checked_receive() -> dict:
+            nonlocal held
+            if held is not None:  # Engine.IO has processed the large message it was handed last
+                slot, held = held, None
+                await slot.__aexit__(None, None, None)
             while True:
                 event = await receive()
                 if event["type"] == "websocket.receive":
@@ -241,6 +355,10 @@ class Edge:
                     if problem is not None:
                         self.malformed.note(address, problem)
                         continue
+                    tenant = session.tenant_id if session is not None else None
+                    if tenant is not None and _frame_size(event) > self.limit:
+                        held = self.large.slot(tenant)
+                        await held.__aenter__()
                 return event
 
         async def close_transport() -> None:
@@ -251,8 +369,17 @@ class Edge:
         try:
             await self.app(scope, checked_receive, guarded_send)
         finally:
+            if held is not None:
+                await held.__aexit__(None, None, None)
+            if session is not None:
+                session.set_frame_limit = None
             if sid is None:
                 self.guard.release(session)
+
+
+def _frame_size(event: dict) -> int:
+    data = event.get("text")
+    return len(data) if data is not None else len(event.get("bytes") or b"")
 
 
 def _replay(body: bytes, receive):

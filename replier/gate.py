@@ -17,7 +17,9 @@ from isolation.ids import hash_api_key, utcnow
 from isolation.system import ApiKeyPrincipal, lookup_api_key
 from replier import db_jobs
 from replier.connections import Connection, new_connection_id
+from replier.keyless import KeylessListener
 from replier.logthrottle import ThrottledLog
+from replier.outbox.server import SESSION_KEY
 from replier.protocol import API, LEGACY
 from replier.stage import Shared, Stage
 from replier.store import Store
@@ -71,13 +73,16 @@ class KeyUsage:
 
 def _credentials(environ: dict) -> tuple[str, str, str | None]:
     """(api key, protocol, platform) from the handshake's headers: API-Server clients send x-apikey
-    (and x-platform), legacy clients an Authorization header (and platform)."""
+    (and x-platform), legacy clients an Authorization header (and platform). Without a key, an
+    x-platform or x-uuid header marks an API-Server client (the keyless listener serves both)."""
     api_key = environ.get("HTTP_X_APIKEY")
     if api_key:
         return api_key.strip(), API, environ.get("HTTP_X_PLATFORM")
     api_key = environ.get("HTTP_AUTHORIZATION") or ""
     if api_key[:7].lower() == "bearer ":
         api_key = api_key[7:]
+    if not api_key.strip() and (environ.get("HTTP_X_PLATFORM") or environ.get("HTTP_X_UUID")):
+        return "", API, environ.get("HTTP_X_PLATFORM")
     return api_key.strip(), LEGACY, environ.get("HTTP_PLATFORM")
 
 
@@ -88,6 +93,7 @@ class Gate(Stage):
         self.accepting = True  # False once draining: connects are refused
         self._key_cache: dict[str, tuple[float, ApiKeyPrincipal | None]] = {}
         self.refusals = ThrottledLog(log, REFUSAL_LOG_SECONDS)
+        self.keyless: KeylessListener | None = None  # set when KEYLESS_LISTEN is on (replier.keyless)
 
     @property
     def cached_keys(self) -> int:
@@ -96,8 +102,12 @@ class Gate(Stage):
 
     async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
         api_key, protocol, platform = _credentials(environ)
+        scope = environ.get("asgi.scope") or {}
+        keyless = not api_key and self.keyless is not None and self.keyless.serves(scope)
+        if keyless:
+            api_key = self.keyless.secret  # the socket, never a header, decides (see replier.keyless)
         named = platform or environ.get("HTTP_X_PLATFORM") or environ.get("HTTP_PLATFORM")  # either, for the log
-        who = (_address(environ), (named or "")[:64] or "-", key_hint(api_key))
+        who = (_address(environ), (named or "")[:64] or "-", "keyless listener" if keyless else key_hint(api_key))
         if not self.accepting:
             self._refuse("shutting_down", "server is shutting down", who)
         self._check_capacity(who)
@@ -121,12 +131,21 @@ class Gate(Stage):
             tenant_id=principal.tenant_id,
             agent_id=principal.agent_id,
             platform=(platform or "")[:64] or None,
-            api_key=api_key,
+            api_key="" if keyless else api_key,  # never echo the listener's key to a client that did not send it
         )
         self.connections.add(conn)
+        session = scope.get(SESSION_KEY)
+        if session is not None:
+            session.tenant_id = principal.tenant_id  # its large messages count against this tenant (edge)
         self.metrics.connects.labels(protocol).inc()
         self.metrics.connections.labels(protocol).inc()
-        log.debug("connection %s accepted (%s, key %s)", conn.connection_id, protocol, principal.key_id)
+        log.debug(
+            "connection %s accepted (%s, key %s%s)",
+            conn.connection_id,
+            protocol,
+            principal.key_id,
+            ", keyless listener" if keyless else "",
+        )
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         conn = self.connections.remove(sid)

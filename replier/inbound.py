@@ -15,7 +15,18 @@ from typing import Any
 import orjson
 
 from replier.connections import Connection
-from replier.protocol import API, BadInput, Inbound, parse_api_message, parse_envelope, parse_legacy_message
+from replier.echoes import Echoes
+from replier.protocol import (
+    API,
+    LEGACY,
+    BadInput,
+    Inbound,
+    Notice,
+    parse_api_message,
+    parse_envelope,
+    parse_legacy_message,
+    route_of,
+)
 from replier.stage import Shared, Stage
 from replier.streams import Streams
 
@@ -76,16 +87,19 @@ class Intake(Stage):
         super().__init__(shared)
         self.streams = streams
         self.dedup = Dedup(shared.settings.dedup_ttl_seconds)
+        self.echoes = Echoes(shared)
 
     async def on_message(self, sid: str, data: Any = None) -> None:
         conn = self.connections.get(sid)
         if conn is None:
             return
         inbound = await (self._api(conn, data) if conn.protocol == API else self._legacy(conn, data))
-        if inbound is not None:
+        if isinstance(inbound, Notice):
+            await self.echoes.accept(conn, inbound)  # an adapter's notify: never answered nor stored as chat
+        elif inbound is not None:
             await self.streams.accept(conn, inbound)
 
-    async def _api(self, conn: Connection, data: Any) -> Inbound | None:
+    async def _api(self, conn: Connection, data: Any) -> Inbound | Notice | None:
         try:
             envelope = parse_envelope(data)
         except BadInput as exc:
@@ -105,26 +119,44 @@ class Intake(Stage):
                         "unsupported_type", f"custom message type {envelope.type[:60]!r} is not handled here"
                     )
                 raise BadInput("invalid_envelope", f"unknown envelope type {envelope.type[:60]!r}")
-            self._check_size(data)
-            return parse_api_message(envelope, data, self.settings.max_text_bytes)
+            size = self._check_size(data)
+            parsed = parse_api_message(envelope, data, self.settings.max_text_bytes, self.settings.max_media_bytes)
+            return self._check_rest(parsed, size)
         except BadInput as exc:
             message_id = _payload_message_id(data, "payload", "message_info")
-            await self.outbox.error(conn, exc.code, str(exc), msg_id=envelope.msg_id, message_id=message_id)
+            await self.outbox.error(
+                conn, exc.code, str(exc), msg_id=envelope.msg_id, message_id=message_id, route=route_of(data, API)
+            )
             return None
 
-    async def _legacy(self, conn: Connection, data: Any) -> Inbound | None:
+    async def _legacy(self, conn: Connection, data: Any) -> Inbound | Notice | None:
         try:
-            self._check_size(data)
-            return parse_legacy_message(data, self.settings.max_text_bytes)
+            size = self._check_size(data)
+            parsed = parse_legacy_message(data, self.settings.max_text_bytes, self.settings.max_media_bytes)
+            return self._check_rest(parsed, size)
         except BadInput as exc:
             message_id = _payload_message_id(data, "message_info")
-            await self.outbox.error(conn, exc.code, str(exc), platform=conn.platform, message_id=message_id)
+            route = route_of(data, LEGACY)
+            await self.outbox.error(
+                conn, exc.code, str(exc), platform=conn.platform, message_id=message_id, route=route
+            )
             return None
 
-    def _check_size(self, data: Any) -> None:
+    def _check_size(self, data: Any) -> int:
+        """The message's JSON size; over what any message may be (text and media limits together)
+        is `payload_too_large` before it is parsed."""
         try:
             size = encoded_size(data)
         except orjson.JSONEncodeError:  # the only cause for decoded JSON: nesting beyond orjson's 254 levels
             raise BadInput("invalid_payload", "message nests too deeply") from None
-        if size > self.settings.max_payload_bytes:
-            raise BadInput("payload_too_large", f"message is larger than {self.settings.max_payload_bytes} bytes")
+        if size > self.settings.max_message_bytes:
+            raise BadInput("payload_too_large", f"message is larger than {self.settings.max_message_bytes} bytes")
+        return size
+
+    def _check_rest(self, parsed: Inbound | Notice, size: int) -> Inbound | Notice:
+        """Without its inline media, a message keeps `max_payload_bytes`."""
+        rest = size - (parsed.media_chars if isinstance(parsed, Inbound) else 0)
+        limit = self.settings.max_payload_bytes
+        if rest > limit:
+            raise BadInput("payload_too_large", f"message is larger than {limit} bytes (without its images)")
+        return parsed

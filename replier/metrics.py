@@ -17,6 +17,9 @@ class Metrics:
         self.messages_out = Counter("replier_messages_out", "Replies sent", registry=r)
         self.duplicates = Counter("replier_duplicates", "Replayed messages (msg_id or message id)", registry=r)
         self.rejected = Counter("replier_messages_rejected", "Inbound messages rejected", ["code"], registry=r)
+        self.notices = Counter(
+            "replier_notices", "Adapters' notify messages (echo: a delivered reply's platform id)", ["kind"], registry=r
+        )
         self.reply_latency = Histogram(
             "replier_reply_latency_seconds",
             "From receiving a message to sending its reply",

@@ -40,6 +40,9 @@ class Session:
     timer: asyncio.TimerHandle | None = None
     # Set by the edge for a websocket: closes the connection itself (an ASGI websocket.close).
     close_transport: Callable[[], Awaitable[None]] | None = None
+    # Set by the edge for a websocket: its frame limit follows authentication (see replier.edge).
+    set_frame_limit: Callable[[bool], None] | None = None
+    tenant_id: str | None = None  # the tenant it authenticated as (set by the gate)
 
 
 class SessionGuard:
@@ -89,6 +92,8 @@ class SessionGuard:
         if session.timer is not None:
             session.timer.cancel()
             session.timer = None
+        if session.set_frame_limit is not None:
+            session.set_frame_limit(True)
 
     def deauthenticated(self, sid: str) -> None:
         """The Socket.IO connection ended but the Engine.IO session stays open: anonymous again."""
@@ -98,6 +103,8 @@ class SessionGuard:
         session.authenticated = False
         self._unauthenticated(+1)
         self._arm(session)
+        if session.set_frame_limit is not None:
+            session.set_frame_limit(False)
 
     # -- release -----------------------------------------------------------------------------
     def release(self, session: Session) -> None:

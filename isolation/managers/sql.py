@@ -202,6 +202,9 @@ def _chat_sql(p: str) -> dict[str, str]:
             f"SELECT {usage_values} WHERE EXISTS (SELECT 1 FROM reply)"
         ),
         "message_text": f"SELECT text FROM messages WHERE {stream} AND message_id = {p}",
+        "platform_message_id": (
+            f"UPDATE messages SET platform_message_id = {p} WHERE {stream} AND message_id = {p} AND direction = 'out'"
+        ),
         "recent": (
             "SELECT message_id, direction, text, sender_user_id, sender_nickname FROM messages "
             f"WHERE {stream} ORDER BY created_at DESC, id DESC LIMIT {p}"
@@ -291,6 +294,13 @@ def insert_reply_with_usage(scope: Scope, reply: dict, usage: dict) -> bool:
 def message_text(scope: Scope, message_id: str) -> str | None:
     row = _execute(_chat_sql(_db.database.obj.param)["message_text"], (*scope, message_id)).fetchone()
     return row[0] if row else None
+
+
+def set_platform_message_id(scope: Scope, message_id: str, platform_message_id: str) -> bool:
+    """Record the platform's id of one of the stream's replies (an adapter's echo); False: no such reply."""
+    refuse_nul(platform_message_id)
+    params = (platform_message_id, *scope, message_id)
+    return _execute(_chat_sql(_db.database.obj.param)["platform_message_id"], params).rowcount == 1
 
 
 def recent_messages(scope: Scope, limit: int) -> list[tuple]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from isolation.egress import EgressSettings
 
@@ -42,8 +42,20 @@ class ReplierSettings(EgressSettings):
 
     # Input limits
     max_text_bytes: int = Field(default=16 * 1024, ge=1)
-    max_payload_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1024, description="a message without its inline media")
+    max_media_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=0, description="inline images, emoji and voice per message (decoded bytes)"
+    )
+    max_large_messages_per_tenant: int = Field(
+        default=4, ge=1, description="messages over the pre-auth limit one tenant may have in the server at once"
+    )
     dedup_ttl_seconds: float = Field(default=3600.0, ge=0)
+
+    # Keyless listener (MaiBot adapters that send no key; see docs/ADAPTERS.md). Off unless set.
+    keyless_listen: str = Field(default="", description="host:port of an extra listener bound to one api key")
+    keyless_api_key_file: str = Field(default="", description="file holding the mtk_ key the listener stands for")
+    keyless_api_key: SecretStr = Field(default=SecretStr(""), description="the key itself (prefer the file)")
+    keyless_allow_remote: bool = Field(default=False, description="allow a non-loopback keyless listener")
 
     # Database work
     db_workers: int = Field(default=0, ge=0, le=64, description="0 = 1 for SQLite, 2 for PostgreSQL")
@@ -66,6 +78,12 @@ class ReplierSettings(EgressSettings):
     gc_freeze: bool = True
     gil_switch_interval: float = Field(default=0.0005, gt=0, le=0.1)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message read and answered: the text limit plus twice the media limit as base64,
+        so a file over the media limit still gets a `media_too_large` error in its chat."""
+        return self.max_payload_bytes + 2 * (-(-self.max_media_bytes // 3) * 4)
 
     @property
     def trusted_proxies(self) -> str | None:

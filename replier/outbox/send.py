@@ -22,6 +22,7 @@ from replier.metrics import Metrics
 from replier.protocol import (
     API,
     Inbound,
+    Route,
     build_ack,
     build_api_error,
     build_api_reply,
@@ -77,8 +78,12 @@ class Outbox:
         msg_id: str | None = None,
         message_id: str | None = None,
         platform: str | None = None,
+        route: Route | None = None,
     ) -> None:
-        """An error in the connection's protocol, counted and logged (throttled) as a rejected message."""
+        """An error in the connection's protocol, counted and logged (throttled) as a rejected message.
+
+        `route` is the chat of the message it is about (its group_info/user_info go with the error, so
+        an adapter posts it in that chat)."""
         self._metrics.rejected.labels(code).inc()
         self._rejections.log(
             code,
@@ -87,19 +92,25 @@ class Outbox:
             conn.connection_id,
             code,
             message[:200],
-            conn.platform or "-",
+            (route.platform if route else None) or platform or conn.platform or "-",
             conn.key_id,
         )
         if conn.protocol == API:
-            data = build_api_error(code, message, msg_id=msg_id, message_id=message_id)
+            data = build_api_error(code, message, msg_id=msg_id, message_id=message_id, route=route)
         else:
-            data = build_legacy_error(code, message, platform=platform, message_id=message_id)
+            data = build_legacy_error(code, message, platform=platform, message_id=message_id, route=route)
         await self.send(conn.sid, data)
 
     async def reply_error(self, conn: Connection, inbound: Inbound, code: str, message: str) -> None:
-        """An error about an accepted message (it names the message in either protocol)."""
+        """An error about an accepted message (it names the message and its chat in either protocol)."""
         await self.error(
-            conn, code, message, msg_id=inbound.msg_id, message_id=inbound.message_id, platform=inbound.platform
+            conn,
+            code,
+            message,
+            msg_id=inbound.msg_id,
+            message_id=inbound.message_id,
+            platform=inbound.platform,
+            route=inbound.route,
         )
 
     async def reply(
@@ -126,9 +137,14 @@ class Outbox:
         return len(conns)
 
     async def close(self, conn: Connection, code: str | None = None, message: str = "") -> None:
-        """Disconnect `conn`; an API connection is told `code` first (a legacy client has no such message)."""
-        if code is not None and conn.protocol == API:
-            await self.send(conn.sid, build_api_error(code, message))
+        """Disconnect `conn`, telling it `code` first in its protocol (a legacy client gets a MessageBase
+        whose text states it, as for any error)."""
+        if code is not None:
+            if conn.protocol == API:
+                data = build_api_error(code, message)
+            else:
+                data = build_legacy_error(code, message, platform=conn.platform)
+            await self.send(conn.sid, data)
         await self._sio.disconnect(conn.sid)
 
     async def close_all(self, sids: list[str]) -> None:

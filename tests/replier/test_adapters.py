@@ -1,0 +1,343 @@
+"""Real MaiBot adapters, unmodified (issue 14): a MaiBot-Napcat-Adapter-like legacy `Router` without a
+token on the keyless listener, and maim_message's `WebSocketClient` with a key, against a real
+`python -m replier` (MAX_MEDIA_BYTES=2 MiB here, to keep the over-the-limit case small).
+
+Both send what QQ users send: integer ids, base64 images of 20 KiB, 200 KiB and 1.2 MiB, emoji and
+voice, an image over the limit; the adapter echoes every message it delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+from adapter_support import PLATFORM, NapcatLikeAdapter, media, onebot_message
+from maim_message import Seg as LegacySeg
+from maim_message.message import APIMessageBase, BaseMessageInfo, GroupInfo, MessageDim, Seg, SenderInfo, UserInfo
+from replier_support import MaimClient, ReplierProcess, TenantAgent, make_tenant, run, socketio_connect, wait_for
+
+from testsupport.servers import ServerNotReady, free_port
+
+MAX_MEDIA = 2 * 1024 * 1024
+SIZES = {"20 KiB": 20 * 1024, "200 KiB": 200 * 1024, "1.2 MiB": 1_258_291}
+OVER = MAX_MEDIA + 4096
+
+
+class KeylessReplier(ReplierProcess):
+    """A replier with a keyless listener standing for `tenant`'s key (given in an owner-only file)."""
+
+    def __init__(self, provisioned, tenant: TenantAgent, **env: str) -> None:
+        self.keyless_port = free_port()
+        fd, key_file = tempfile.mkstemp(prefix="keyless-", suffix=".key")
+        os.write(fd, tenant.secret.encode() + b"\n")
+        os.close(fd)
+        os.chmod(key_file, 0o600)
+        self.key_file = key_file
+        super().__init__(
+            provisioned.url,
+            provisioned.app_role,
+            KEYLESS_LISTEN=f"127.0.0.1:{self.keyless_port}",
+            KEYLESS_API_KEY_FILE=key_file,
+            MAX_MEDIA_BYTES=str(MAX_MEDIA),
+            **env,
+        )
+
+    @property
+    def keyless_url(self) -> str:
+        return f"ws://127.0.0.1:{self.keyless_port}/ws"
+
+    @property
+    def keyless_http(self) -> str:
+        return f"http://127.0.0.1:{self.keyless_port}"
+
+    def stop(self, *args, **kwargs):
+        try:
+            return super().stop(*args, **kwargs)
+        finally:
+            os.unlink(self.key_file)
+
+
+@pytest.fixture(scope="module")
+def keyless_tenant(configured_db) -> TenantAgent:
+    return make_tenant()
+
+
+@pytest.fixture(scope="module")
+def adapter_server(provisioned, keyless_tenant) -> Iterator[KeylessReplier]:
+    server = KeylessReplier(provisioned, keyless_tenant)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _stored(tenant: TenantAgent, **peer) -> list[dict]:
+    return tenant.history(PLATFORM, **peer)
+
+
+def _replies(tenant: TenantAgent, **peer) -> list[dict]:
+    return [m for m in _stored(tenant, **peer) if m["direction"] == "out"]
+
+
+def _image_segments(label: str, kind: str = "image") -> tuple[list[LegacySeg], str, int]:
+    data, digest = media(SIZES[label])
+    return [LegacySeg("text", f"look ({label})"), LegacySeg(kind, data)], digest, SIZES[label]
+
+
+def _assert_placeholder(stored_segments: dict, kind: str, size: int, digest: str) -> None:
+    """The stored message has the file's type, size and hash, and none of its data."""
+    children = stored_segments["data"]
+    placeholder = next(c for c in children if c["type"] == kind)
+    assert placeholder["data"] == {"placeholder": True, "encoding": "base64", "bytes": size, "sha256": digest}
+    assert len(json.dumps(stored_segments)) < 2000
+
+
+# -- the Napcat-like adapter on the keyless listener -----------------------------------------------
+def test_napcat_like_adapter_chats_through_the_keyless_listener(adapter_server, keyless_tenant):
+    ta = keyless_tenant
+    group, user = 7654321, 1234567
+    hashes: dict[int, tuple[str, str, int]] = {}
+
+    async def scenario():
+        adapter = await NapcatLikeAdapter(adapter_server.keyless_url).start()
+        replies, errors = [], []
+        try:
+            message_id = 1000
+            await adapter.send(onebot_message(message_id, [LegacySeg("text", "hello bot")], user_id=user))
+            replies.append(await adapter.next())
+            for label in SIZES:
+                message_id += 1
+                segments, digest, size = _image_segments(label)
+                hashes[message_id] = ("image", digest, size)
+                await adapter.send(onebot_message(message_id, segments, user_id=user))
+                replies.append(await adapter.next())
+            for kind in ("emoji", "voice"):
+                message_id += 1
+                data, digest = media(50_000)
+                hashes[message_id] = (kind, digest, 50_000)
+                await adapter.send(onebot_message(message_id, [LegacySeg(kind, data)], user_id=user))
+                replies.append(await adapter.next())
+            message_id += 1
+            data, _ = media(OVER)
+            await adapter.send(onebot_message(message_id, [LegacySeg("text", "huge"), LegacySeg("image", data)]))
+            errors.append(await adapter.next())
+            message_id += 1  # the connection carries on after the error
+            await adapter.send(onebot_message(message_id, [LegacySeg("text", "still there?")], user_id=user))
+            replies.append(await adapter.next())
+            # A private chat; the same user once as 42 and once as "42": one chat stream.
+            await adapter.send(onebot_message(2000, [LegacySeg("text", "private 1")], user_id=42, group_id=None))
+            replies.append(await adapter.next())
+            await adapter.send(onebot_message(2001, [LegacySeg("text", "private 2")], user_id="42", group_id=None))
+            replies.append(await adapter.next())
+            # Every reply is echoed; an echo is answered with nothing (the next message is this reply).
+            await wait_for(lambda: len(adapter.echoed) == len(replies) + len(errors))
+            await adapter.send(onebot_message(3000, [LegacySeg("text", "last")], user_id=user))
+            replies.append(await adapter.next())
+            assert adapter.received.empty()
+            assert adapter.connected()
+            await wait_for(lambda: "mt-reply:3000" in adapter.echoed)
+            await wait_for(lambda: all(m["platform_message_id"] for m in _replies(ta, group_id=str(group))))
+        finally:
+            await adapter.stop()
+        return adapter, replies, errors
+
+    adapter, replies, errors = run(scenario())
+    # Replies: to the right chat, ids back as integers (and as a string where one was sent).
+    for reply in replies[:-3] + replies[-1:]:
+        info = reply["message_info"]
+        assert info["message_id"].startswith("mt-reply:")
+        assert info["group_info"]["group_id"] == group and isinstance(info["group_info"]["group_id"], int)
+        assert info["user_info"]["user_id"] == user and isinstance(info["user_info"]["user_id"], int)
+    assert (
+        replies[-3]["message_info"]["user_info"]["user_id"] == 42
+        and replies[-3]["message_info"].get("group_info") is None
+    )
+    assert replies[-2]["message_info"]["user_info"]["user_id"] == "42"
+    # Over the limit: an error in the same chat, with the ids as they came.
+    (error,) = errors
+    assert error["message_info"]["message_id"].startswith("mt-error:")
+    assert error["message_info"]["additional_config"]["maitenant"]["error"]["code"] == "media_too_large"
+    assert error["message_info"]["group_info"]["group_id"] == group
+    assert isinstance(error["message_info"]["user_info"]["user_id"], int)
+    assert error["message_segment"]["data"].startswith("[error media_too_large]")
+
+    history = _stored(ta, group_id=str(group))
+    inbound = {m["message_id"]: m for m in history if m["direction"] == "in"}
+    assert set(inbound) == {str(i) for i in (1000, 1001, 1002, 1003, 1004, 1005, 1007, 3000)}  # not 1006, no echo
+    for message_id, (kind, digest, size) in hashes.items():
+        _assert_placeholder(inbound[str(message_id)]["segments"], kind, size, digest)
+    assert inbound["1001"]["text"] == "look (20 KiB)[image]"
+    # Each reply has the platform's id from its echo (queryable history; the API test is in tests/configurator).
+    out = {m["message_id"]: m for m in history if m["direction"] == "out"}
+    assert len(out) == 8
+    for reply_id, row in out.items():
+        assert row["platform_message_id"] == str(adapter.echoed[reply_id])
+    private = _stored(ta, user_id="42")
+    assert [m["message_id"] for m in private if m["direction"] == "in"] == ["2000", "2001"]
+    logs = adapter_server.logs()
+    assert f"KEYLESS LISTENER on 127.0.0.1:{adapter_server.keyless_port}" in logs
+    assert ta.secret not in logs
+    assert "media_too_large" in logs  # the rejected message is logged (INFO)
+
+
+def test_a_client_without_a_key_is_refused_on_the_main_port_and_accepted_on_the_keyless_one(adapter_server):
+    """The headers a legacy Router without a token sends; only the listening socket differs. Headers
+    naming the keyless address (Host, forwarding) change nothing on the main port."""
+    legacy = {"platform": PLATFORM}
+    keyless_url = adapter_server.keyless_url
+    assert "missing api key" in run(socketio_connect(adapter_server.url, legacy))["message"]
+    assert run(socketio_connect(keyless_url, legacy)) is None
+    forged = {
+        **legacy,
+        "x-forwarded-host": f"127.0.0.1:{adapter_server.keyless_port}",
+        "x-forwarded-port": str(adapter_server.keyless_port),
+        "forwarded": f"host=127.0.0.1:{adapter_server.keyless_port}",
+    }
+    assert "missing api key" in run(socketio_connect(adapter_server.url, forged))["message"]
+
+
+# -- maim_message's WebSocketClient with a key: the same cases ---------------------------------------
+def _api_message(message_id: str, segment: Seg, *, user_id=1234567, group_id=7654321) -> APIMessageBase:
+    sender = SenderInfo(
+        group_info=GroupInfo(PLATFORM, group_id, "test group") if group_id else None,
+        user_info=UserInfo(PLATFORM, user_id, "QQ user"),
+    )
+    return APIMessageBase(
+        message_info=BaseMessageInfo(platform=PLATFORM, message_id=message_id, time=time.time(), sender_info=sender),
+        message_segment=segment,
+        message_dim=MessageDim(api_key="ignored", platform=PLATFORM),
+    )
+
+
+def test_websocket_client_with_a_key_sends_media_and_echoes(adapter_server):
+    ta = make_tenant()
+    hashes = {}
+
+    async def scenario():
+        client = await MaimClient(adapter_server.url, ta.secret).start()
+        replies = []
+        try:
+            for i, label in enumerate(SIZES):
+                data, digest = media(SIZES[label])
+                hashes[f"w-{i}"] = digest
+                segment = Seg("seglist", [Seg("text", label), Seg("image", data)])
+                await client.send(_api_message(f"w-{i}", segment))
+                replies.append(await client.reply())
+            data, _ = media(OVER)
+            await client.send(_api_message("w-over", Seg("seglist", [Seg("text", "x"), Seg("image", data)])))
+            error = await client.error()
+            # An API-Server client echoing a delivered reply (notify/echo with the platform's id).
+            echo = APIMessageBase.from_dict(replies[0].to_dict())
+            echo.message_segment = Seg("notify", {"sub_type": "echo", "echo": "mt-reply:w-0", "actual_id": 555})
+            await client.send(echo)
+            await client.send(_api_message("w-last", Seg("text", "last"), user_id=42, group_id=None))
+            replies.append(await client.reply())
+            assert client.errors.empty()
+        finally:
+            await client.stop()
+        return replies, error
+
+    replies, error = run(scenario())
+    for reply in replies[:-1]:
+        receiver = reply.message_info.receiver_info
+        assert receiver.group_info.group_id == 7654321 and receiver.user_info.user_id == 1234567
+    assert replies[-1].message_info.receiver_info.user_info.user_id == 42
+    assert error["code"] == "media_too_large" and error["message_id"] == "w-over"
+    assert error["group_info"]["group_id"] == 7654321 and error["user_info"]["user_id"] == 1234567
+    history = _stored(ta, group_id="7654321")
+    inbound = {m["message_id"]: m for m in history if m["direction"] == "in"}
+    assert set(inbound) == set(hashes)
+    for message_id, digest in hashes.items():
+        stored = inbound[message_id]["segments"]["data"][1]["data"]
+        assert stored["sha256"] == digest and stored["placeholder"] is True
+
+    def echoed() -> bool:
+        rows = {m["message_id"]: m for m in _stored(ta, group_id="7654321")}
+        return rows["mt-reply:w-0"]["platform_message_id"] == "555"
+
+    run(wait_for(echoed))
+
+
+# -- revocation: the keyless listener's key ----------------------------------------------------------
+def test_revoking_the_keyless_key_closes_its_connections_with_a_reason_and_refuses_new_ones(provisioned, configured_db):
+    ta = make_tenant()
+    server = KeylessReplier(provisioned, ta)
+    server.start()
+    try:
+
+        async def scenario():
+            adapter = await NapcatLikeAdapter(server.keyless_url).start()
+            try:
+                await adapter.send(onebot_message(1, [LegacySeg("text", "before revoke")]))
+                await adapter.next()
+                ta.revoke()
+                told = await adapter.next()
+                await wait_for(lambda: not adapter.connected(), timeout=15)
+            finally:
+                await adapter.stop()
+            return told, (await socketio_connect(server.keyless_url, {"platform": PLATFORM}))["message"]
+
+        told, refusal = run(scenario())
+        assert told["message_info"]["additional_config"]["maitenant"]["error"]["code"] == "key_revoked"
+        assert told["message_segment"]["data"].startswith("[error key_revoked]")
+        assert "api key revoked" in refusal
+        logs = server.logs()
+        assert f"key id {ta.key_id}" in logs and "its api key is no longer valid" in logs
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"KEYLESS_LISTEN": "0.0.0.0:{port}"}, "not a loopback address"),
+        ({"KEYLESS_LISTEN": "127.0.0.1:{port}"}, "needs the key it stands for"),
+        ({"KEYLESS_LISTEN": "127.0.0.1:{port}", "KEYLESS_API_KEY": "mtk_unknown-key-0123456789"}, "is unknown"),
+        ({"KEYLESS_LISTEN": "nonsense"}, "must be host:port"),
+    ],
+)
+def test_a_keyless_listener_that_cannot_be_used_stops_the_start(provisioned, configured_db, env, reason):
+    port = free_port()
+    server = ReplierProcess(provisioned.url, provisioned.app_role, **{k: v.format(port=port) for k, v in env.items()})
+    with pytest.raises(ServerNotReady):
+        server.start(timeout=15)
+    assert server.process.wait(10) == 2
+    assert reason in server.logs()
+    server.stop()
+
+
+def test_a_revoked_keyless_key_stops_the_start(provisioned, configured_db):
+    ta = make_tenant()
+    ta.revoke()
+    server = KeylessReplier(provisioned, ta)
+    with pytest.raises(ServerNotReady):
+        server.start(timeout=15)
+    assert "api key revoked" in server.logs()
+    server.stop()
+
+
+def test_many_large_messages_of_one_tenant_wait_for_their_slots(adapter_server):
+    """Eight 1.2 MiB images at once over four connections of one tenant, two slots each: all answered."""
+    ta = make_tenant()
+
+    async def scenario():
+        clients = [await MaimClient(adapter_server.url, ta.secret).start() for _ in range(4)]
+        try:
+            data, _ = media(SIZES["1.2 MiB"])
+            sends = []
+            for n, client in enumerate(clients):
+                for k in range(2):
+                    message = _api_message(f"burst-{n}-{k}", Seg("image", data), user_id=100 + n, group_id=None)
+                    sends.append(client.send(message))
+            await asyncio.gather(*sends)
+            return [await client.reply() for client in clients for _ in range(2)]
+        finally:
+            for client in clients:
+                await client.stop()
+
+    replies = run(scenario())
+    assert len(replies) == 8
