@@ -115,3 +115,24 @@ def test_isolation_additions_directly(client, owner, agent):
 
     with pytest.raises(IsolationViolationError):
         scoped.messages.page()
+
+
+def test_a_replys_platform_message_id_from_an_adapters_echo_is_in_the_history(client, owner, agent):
+    """The replier stores the id an adapter's echo reports (isolation.fastpath); the API shows it."""
+    from isolation import db as isolation_db
+    from isolation.fastpath import ChatSession
+
+    seeded = seed_history(owner, agent["id"], messages=1)
+    stream_ctx = owner.ctx.child(agent_id=agent["id"], platform="qq", chat_stream_id=seeded["stream"]["id"])
+    Scoped(stream_ctx).messages.add(message_id="mt-reply:m0", direction="out", text="hi", segments={"type": "text"})
+    with isolation_db.unit_of_work(owner.ctx.tenant_id, write=True):
+        session = ChatSession(stream_ctx)
+        assert session.set_platform_message_id("mt-reply:m0", "900001") is True
+        assert session.set_platform_message_id("m0", "1") is False  # only replies (direction out)
+        assert session.set_platform_message_id("mt-reply:nope", "2") is False
+    other_ctx = owner.ctx.child(agent_id=agent["id"], platform="wechat", chat_stream_id=seeded["stream"]["id"])
+    with isolation_db.unit_of_work(owner.ctx.tenant_id, write=True):
+        assert ChatSession(other_ctx).set_platform_message_id("mt-reply:m0", "3") is False  # another platform
+    items = client.get(f"/api/v1/chat-streams/{seeded['stream']['id']}/messages", headers=owner.headers).json()["items"]
+    by_id = {m["message_id"]: m["platform_message_id"] for m in items}
+    assert by_id == {"mt-reply:m0": "900001", "m0": None}

@@ -15,8 +15,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
+import socketio
 from adapter_support import PLATFORM, NapcatLikeAdapter, media, onebot_message
+from edge_support import EIO, open_polling, post_head, raw_request, status_of, wait_until
 from maim_message import Seg as LegacySeg
 from maim_message.message import APIMessageBase, BaseMessageInfo, GroupInfo, MessageDim, Seg, SenderInfo, UserInfo
 from replier_support import MaimClient, ReplierProcess, TenantAgent, make_tenant, run, socketio_connect, wait_for
@@ -135,6 +138,16 @@ def test_napcat_like_adapter_chats_through_the_keyless_listener(adapter_server, 
             replies.append(await adapter.next())
             # Every reply is echoed; an echo is answered with nothing (the next message is this reply).
             await wait_for(lambda: len(adapter.echoed) == len(replies) + len(errors))
+            # Other notifies (a poke, as the adapter's notice handler sends one) and an echo of a reply
+            # that does not exist are accepted silently too.
+            poke = onebot_message(0, [LegacySeg("notify", {"sub_type": "poke", "target_id": 1})], user_id=user)
+            poke.message_info.message_id = "notice"
+            await adapter.send(poke)
+            stray = onebot_message(
+                0, [LegacySeg("notify", {"sub_type": "echo", "echo": "mt-reply:none", "actual_id": 1})]
+            )
+            stray.message_info.message_id = "mt-reply:none"
+            await adapter.send(stray)
             await adapter.send(onebot_message(3000, [LegacySeg("text", "last")], user_id=user))
             replies.append(await adapter.next())
             assert adapter.received.empty()
@@ -182,6 +195,7 @@ def test_napcat_like_adapter_chats_through_the_keyless_listener(adapter_server, 
     assert f"KEYLESS LISTENER on 127.0.0.1:{adapter_server.keyless_port}" in logs
     assert ta.secret not in logs
     assert "media_too_large" in logs  # the rejected message is logged (INFO)
+    assert "echo for reply 'mt-reply:none'" in logs and "no such reply in that chat" in logs
 
 
 def test_a_client_without_a_key_is_refused_on_the_main_port_and_accepted_on_the_keyless_one(adapter_server):
@@ -341,3 +355,51 @@ def test_many_large_messages_of_one_tenant_wait_for_their_slots(adapter_server):
 
     replies = run(scenario())
     assert len(replies) == 8
+
+
+def test_large_messages_over_long_polling_and_bodies_over_the_message_limit(adapter_server):
+    """A polling-only client (as maim's clients start) sends a 1.2 MiB image in a POST body; a body
+    over even the authenticated limit is refused with 413 and a WARNING line, never silently."""
+    ta = make_tenant()
+    data, digest = media(SIZES["1.2 MiB"])
+
+    async def scenario():
+        inbox: asyncio.Queue = asyncio.Queue()
+        sio = socketio.AsyncClient(reconnection=False)
+        sio.on("message", inbox.put)
+        await sio.connect(
+            adapter_server.http,
+            socketio_path="ws",
+            transports=["polling"],
+            headers={"x-apikey": ta.secret, "x-platform": PLATFORM},
+        )
+        try:
+            message = _api_message("poll-1", Seg("seglist", [Seg("text", "via polling"), Seg("image", data)]))
+            await sio.emit(
+                "message", {"ver": 1, "msg_id": "env-poll-1", "type": "sys_std", "payload": message.to_dict()}
+            )
+            while True:
+                received = await asyncio.wait_for(inbox.get(), 20)
+                if received.get("type") == "sys_std":
+                    return received
+        finally:
+            await sio.disconnect()
+
+    reply = run(scenario())
+    assert reply["payload"]["message_info"]["message_id"] == "mt-reply:poll-1"
+    (stored,) = [m for m in _stored(ta, group_id="7654321") if m["direction"] == "in"]
+    assert stored["segments"]["data"][1]["data"]["sha256"] == digest
+
+    # An authenticated polling session declaring more than the largest message: 413, logged.
+    with httpx.Client(timeout=10) as client:
+        sid = open_polling(client, adapter_server, **{"x-apikey": ta.secret, "x-platform": PLATFORM})
+        assert client.post(f"{adapter_server.http}/ws/?{EIO}&sid={sid}", content=b"40").status_code == 200
+        wait_until(lambda: client.get(f"{adapter_server.http}/ws/?{EIO}&sid={sid}").text.startswith("40"))
+        answer = raw_request(adapter_server.port, post_head(sid, length=20 * MAX_MEDIA), b"4" * 1000)
+        assert status_of(answer) == 413
+    assert "over the" in adapter_server.logs() and "MAX_MEDIA_BYTES" in adapter_server.logs()
+    # Before authentication the small limit stays (tests/replier/test_preauth.py has the rest).
+    with httpx.Client(timeout=10) as client:
+        sid = open_polling(client, adapter_server)
+        answer = raw_request(adapter_server.port, post_head(sid, length=1_100_000), b"4" * 1000)
+        assert status_of(answer) == 413

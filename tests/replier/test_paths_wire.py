@@ -40,7 +40,10 @@ def test_legacy_bearer_token_connects_and_a_revoked_key_closes_it(replier_server
                 await sio.disconnect()
         return received
 
-    reply, error = run(scenario())
+    reply, error, closing = run(scenario())
+    # Before the close, the legacy client is told why (issue 14: it used to be closed without a word).
+    assert closing["message_info"]["additional_config"]["maitenant"]["error"]["code"] == "key_revoked"
+    assert closing["message_segment"]["data"].startswith("[error key_revoked]")
     assert reply["message_info"]["message_id"] == "mt-reply:B-1"
     assert "via bearer" in reply["message_segment"]["data"]
     info = error["message_info"]
