@@ -10,6 +10,7 @@ configurator's access log shows query strings, so without the redacting filter
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import uuid
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from replier_support import MaimClient, ReplierProcess, api_message, run, socketio_connect
+from adapter_support import NapcatLikeAdapter, media, onebot_message
+from maim_message import Seg as LegacySeg
+from replier_support import MaimClient, ReplierProcess, api_message, make_tenant, run, socketio_connect
 
 from testsupport.servers import ServerProcess, free_port
 
@@ -52,9 +55,26 @@ class ConfiguratorProcess(ServerProcess):
 
 
 @pytest.fixture(scope="module")
-def debug_servers(provisioned, configured_db) -> Iterator[tuple[ConfiguratorProcess, ReplierProcess]]:
+def keyless_key(configured_db) -> Iterator[tuple[str, Path]]:
+    """An agent's key for the replier's keyless listener, in an owner-only file (issue 14)."""
+    secret = make_tenant().secret
+    fd, name = tempfile.mkstemp(prefix="keyless-", suffix=".key")
+    os.write(fd, secret.encode())
+    os.close(fd)
+    yield secret, Path(name)
+    Path(name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def debug_servers(provisioned, configured_db, keyless_key) -> Iterator[tuple[ConfiguratorProcess, ReplierProcess]]:
     configurator = ConfiguratorProcess(provisioned.url, provisioned.app_role)
-    replier = ReplierProcess(provisioned.url, provisioned.app_role, LOG_LEVEL="debug")
+    replier = ReplierProcess(
+        provisioned.url,
+        provisioned.app_role,
+        LOG_LEVEL="debug",
+        KEYLESS_LISTEN=f"127.0.0.1:{free_port()}",
+        KEYLESS_API_KEY_FILE=str(keyless_key[1]),
+    )
     try:
         configurator.start()
         configurator.wait_healthy(30)
@@ -115,10 +135,24 @@ async def _chat(replier: ReplierProcess, secret: str) -> dict | None:
     return await socketio_connect(replier.url, {"x-platform": "qq"}, f"&api_key={secret}")
 
 
-def test_no_secret_reaches_any_log_at_debug(debug_servers, fake_llm) -> None:
+async def _keyless_chat(replier: ReplierProcess) -> None:
+    """A MaiBot-Napcat-Adapter-like client without a key on the keyless listener, with an image."""
+    port = replier.env["KEYLESS_LISTEN"].rsplit(":", 1)[1]
+    adapter = await NapcatLikeAdapter(f"ws://127.0.0.1:{port}/ws").start()
+    try:
+        data, _ = media(30_000)
+        await adapter.send(onebot_message(1, [LegacySeg("text", "scan"), LegacySeg("image", data)]))
+        await adapter.next()
+    finally:
+        await adapter.stop()
+
+
+def test_no_secret_reaches_any_log_at_debug(debug_servers, fake_llm, keyless_key) -> None:
     configurator, replier = debug_servers
     with httpx.Client(base_url=configurator.url, timeout=30) as http:
         secrets = _user_session(http, fake_llm)
+    secrets["keyless listener's key"] = keyless_key[0]
+    run(_keyless_chat(replier))
     refusal = run(_chat(replier, secrets["api key"]))
     assert refusal is not None and "query string" in refusal["message"]  # a clear reason, not "missing api key"
     assert any(r.get("messages") for r in fake_llm.requests)  # the agent's LLM (and its key) was used
@@ -133,6 +167,11 @@ def test_no_secret_reaches_any_log_at_debug(debug_servers, fake_llm) -> None:
         if secret and secret in text
     ]
     assert not leaks, leaks
+    # Nothing shaped like a key or a JWT either, whoever it belongs to (redacted ones are kept short).
+    text = "".join(logs.values())
+    assert not re.findall(r"mtk_[A-Za-z0-9_-]{12,}", text)
+    assert not re.findall(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", text)
+    assert "KEYLESS LISTENER on 127.0.0.1:" in logs["replier"]
     # The query strings were logged (so the scan looked at the lines that used to leak), redacted.
     assert "apikey=[redacted]" in logs["replier"] and "access_token=[redacted]" in logs["configurator"]
     assert "mtk_" + secrets["api key"][4:12] not in "".join(logs.values())
