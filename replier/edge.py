@@ -357,8 +357,17 @@ class Edge:
                         continue
                     tenant = session.tenant_id if session is not None else None
                     if tenant is not None and _frame_size(event) > self.limit:
-                        held = self.large.slot(tenant)
-                        await held.__aenter__()
+                        slot = self.large.slot(tenant)
+                        await slot.__aenter__()
+                        held = slot
+                elif event["type"] == "websocket.disconnect" and event.get("code") == 1009:
+                    # uvicorn refused a frame over the limit (from its header): say so, never silently
+                    log.warning(
+                        "closed a websocket from %s: a frame over the %d-byte limit (%s; MAX_MEDIA_BYTES)",
+                        address,
+                        self.media_limit if session is not None and session.authenticated else self.limit,
+                        "authenticated" if session is not None and session.authenticated else "not authenticated",
+                    )
                 return event
 
         async def close_transport() -> None:

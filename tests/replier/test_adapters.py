@@ -18,8 +18,19 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import socketio
+import websocket
 from adapter_support import PLATFORM, NapcatLikeAdapter, media, onebot_message
-from edge_support import EIO, open_polling, post_head, raw_request, status_of, wait_until
+from edge_support import (
+    EIO,
+    close_frame,
+    open_polling,
+    open_websocket,
+    post_head,
+    raw_request,
+    status_of,
+    wait_until,
+)
+from edge_support import socketio_connect as ws_socketio_connect
 from maim_message import Seg as LegacySeg
 from maim_message.message import APIMessageBase, BaseMessageInfo, GroupInfo, MessageDim, Seg, SenderInfo, UserInfo
 from replier_support import MaimClient, ReplierProcess, TenantAgent, make_tenant, run, socketio_connect, wait_for
@@ -403,3 +414,31 @@ def test_large_messages_over_long_polling_and_bodies_over_the_message_limit(adap
         sid = open_polling(client, adapter_server)
         answer = raw_request(adapter_server.port, post_head(sid, length=1_100_000), b"4" * 1000)
         assert status_of(answer) == 413
+
+
+def test_a_websocket_frame_limit_follows_authentication(adapter_server):
+    """Before the Socket.IO connect, a frame over 1 MB is refused from its header (1009); after it,
+    a 1.2 MiB image passes and a frame over the largest message is refused, each logged at WARNING."""
+    ta = make_tenant()
+    headers = [f"x-apikey: {ta.secret}", f"x-platform: {PLATFORM}"]
+    big = websocket.ABNF.create_frame("4" + "x" * 1_100_000, websocket.ABNF.OPCODE_TEXT).format()
+    ws = open_websocket(adapter_server, headers)
+    ws.sock.sendall(big[:4096])
+    assert close_frame(ws, timeout=10)[0] == 1009
+    ws.close()
+    ws = open_websocket(adapter_server, headers)
+    assert ws_socketio_connect(ws).startswith("40")
+    data, _ = media(SIZES["1.2 MiB"])
+    message = _api_message("ws-big", Seg("image", data)).to_dict()
+    envelope = {"ver": 1, "msg_id": "env-ws-big", "type": "sys_std", "payload": message}
+    ws.send("42" + json.dumps(["message", envelope]))
+    answers = []
+    while not any('"sys_std"' in a for a in answers):
+        answers.append(ws.recv())
+    huge = websocket.ABNF.create_frame("4" + "x" * (40 * MAX_MEDIA), websocket.ABNF.OPCODE_TEXT).format()
+    ws.sock.sendall(huge[:4096])
+    assert close_frame(ws, timeout=10)[0] == 1009
+    ws.close()
+    logs = adapter_server.logs()
+    assert "over the 1000000-byte limit (not authenticated" in logs
+    assert "-byte limit (authenticated; MAX_MEDIA_BYTES)" in logs
