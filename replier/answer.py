@@ -19,6 +19,8 @@ from replier import db_jobs
 from replier.connections import StreamKey
 from replier.llm import LlmError, ProviderRegistry
 from replier.llm.base import LlmDefaults, chat_request
+from replier.llm.breaker import BreakerOpen, Breakers
+from replier.llm.guarded import LlmGuard
 from replier.memory import worth_storing
 from replier.protocol import Inbound
 from replier.reply import Reply, build_reply
@@ -51,7 +53,11 @@ class Answerer(Stage):
             max_retries=settings.llm_max_retries,
             backoff=settings.llm_retry_backoff_seconds,
             concurrency=settings.llm_concurrency,
+            tenant_concurrency=settings.llm_tenant_concurrency,
         )
+        breakers = Breakers(settings.llm_breaker_failures, settings.llm_breaker_cooldown_seconds)
+        self.guard = LlmGuard(breakers, settings.llm_deadline_seconds)  # fairness: replier/llm/guarded.py
+        self.metrics.watch_breakers(breakers, settings.llm_breaker_metric_tenants)
         self._offline_logged: set[tuple[str, str]] = set()
 
     async def process(self, key: StreamKey, sid: str | None, inbound: Inbound, started: float) -> None:
@@ -157,15 +163,17 @@ class Answerer(Stage):
         )
         llm_started = time.perf_counter()
         error = None
+        call = self.guard.call(provider, config, agent.tenant_id, agent.agent_id)
         try:
-            llm_result = await provider.complete(request)
+            llm_result = await call.complete(request)
             text, model = llm_result.text, llm_result.model
             outcome = "offline" if llm_result.offline else "ok"
             prompt_tokens, completion_tokens = llm_result.prompt_tokens, llm_result.completion_tokens
         except Exception as exc:
             error = str(exc) if isinstance(exc, LlmError) else f"{type(exc).__name__}: {exc}"
-            log.warning("agent %s: LLM call failed (%s); sending the fallback reply", agent.agent_id, error)
-            self.metrics.llm_errors.labels(provider.name).inc()
+            if not isinstance(exc, BreakerOpen):  # an open breaker logs when it opens, not per message
+                log.warning("agent %s: LLM call failed (%s); sending the fallback reply", agent.agent_id, error)
+                self.metrics.llm_errors.labels(provider.name).inc()
             text, outcome, model, prompt_tokens, completion_tokens = FALLBACK_REPLY, "error", config.model, 0, 0
         latency_ms = int((time.perf_counter() - llm_started) * 1000)
         self.metrics.llm_requests.labels(provider.name, outcome).inc()
@@ -173,7 +181,7 @@ class Answerer(Stage):
         wants_memory = agent.config.memory.enabled and agent.config.memory.max_memories > 0
         if error is None and wants_memory and (provider.offline or self.settings.llm_memory_extraction):
             try:
-                memory = worth_storing(await provider.extract_memory(request, text), memories)
+                memory = worth_storing(await call.extract_memory(request, text), memories)
             except Exception as exc:
                 log.info("agent %s: memory extraction failed: %s", agent.agent_id, exc)
         return build_reply(

@@ -2,8 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from replier.llm.breaker import Breakers
+
+
+class BreakerCollector(Collector):
+    """The LLM breakers' state, read at scrape time.
+
+    Label cardinality stays bounded: the totals carry no tenant label, and the per-tenant gauge
+    names only the `top` tenants with the most open breakers at this scrape (ties by tenant id), so
+    a scrape holds at most `top` tenant series whatever the number of tenants.
+    """
+
+    def __init__(self, breakers: Breakers, top: int) -> None:
+        self.breakers = breakers
+        self.top = top
+
+    def collect(self) -> Iterator[Metric]:
+        per_tenant = self.breakers.open_by_tenant()
+        yield GaugeMetricFamily(
+            "replier_llm_breakers_open", "Open (or half-open) LLM breakers", sum(per_tenant.values())
+        )
+        yield GaugeMetricFamily(
+            "replier_llm_breaker_tenants", "Tenants with at least one open LLM breaker", len(per_tenant)
+        )
+        top = GaugeMetricFamily(
+            "replier_llm_breakers_open_tenant",
+            "Open LLM breakers of the tenants with the most of them (top N only: bounded cardinality)",
+            labels=["tenant"],
+        )
+        for tenant, count in sorted(per_tenant.items(), key=lambda item: (-item[1], item[0]))[: self.top]:
+            top.add_metric([tenant], count)
+        yield top
+        transitions = CounterMetricFamily(
+            "replier_llm_breaker_transitions", "LLM breakers opened or closed", labels=["to"]
+        )
+        transitions.add_metric(["open"], self.breakers.opened_total)
+        transitions.add_metric(["closed"], self.breakers.closed_total)
+        yield transitions
+        yield CounterMetricFamily(
+            "replier_llm_breaker_rejected", "Messages answered by an open breaker", value=self.breakers.rejected_total
+        )
 
 
 class Metrics:
@@ -44,6 +89,10 @@ class Metrics:
         self.revoked_closed = Counter(
             "replier_revoked_connections_closed", "Connections closed after their key was revoked", registry=r
         )
+
+    def watch_breakers(self, breakers: Breakers, top: int) -> None:
+        """Export `breakers` (see `BreakerCollector`) from this registry."""
+        self.registry.register(BreakerCollector(breakers, top))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -71,7 +71,18 @@ class ReplierSettings(EgressSettings):
     llm_timeout_seconds: float = Field(default=30.0, gt=0)
     llm_max_retries: int = Field(default=2, ge=0, le=10)
     llm_retry_backoff_seconds: float = Field(default=0.25, ge=0)
-    llm_concurrency: int = Field(default=16, ge=1)
+    llm_concurrency: int = Field(default=16, ge=1, description="calls at once per endpoint (URL + key)")
+    llm_tenant_concurrency: int = Field(
+        default=0, ge=0, description="calls at once per tenant per endpoint; 0 = half of llm_concurrency"
+    )
+    llm_deadline_seconds: float = Field(
+        default=0.0, ge=0, description="one message's calls, slot wait and retries; 0 = timeout + max(1 s, 25%)"
+    )
+    llm_breaker_failures: int = Field(default=5, ge=1, description="consecutive failures opening a breaker")
+    llm_breaker_cooldown_seconds: float = Field(default=30.0, gt=0, description="open breaker until a probe")
+    llm_breaker_metric_tenants: int = Field(
+        default=10, ge=0, le=100, description="tenants labelled in replier_llm_breakers_open_tenant (top N)"
+    )
     llm_memory_extraction: bool = True
 
     # Process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,7 +23,12 @@ class ChatMessage:
 @dataclass(slots=True)
 class LlmRequest:
     """What to complete. `messages` is the chat prompt; the structured fields let the offline
-    responder answer without parsing the prompt."""
+    responder answer without parsing the prompt.
+
+    `tenant` picks the fair-queue share of a shared endpoint (`replier.llm.fairness`); `deadline` (a
+    `time.monotonic()` instant) bounds the whole call, slot wait and retries included, where `timeout`
+    bounds one attempt; `gate` runs once a slot is held, before each attempt, and raises to cancel
+    the call (the agent's breaker opened while this call waited)."""
 
     messages: list[ChatMessage]
     model: str | None = None
@@ -34,6 +40,9 @@ class LlmRequest:
     memories: list[str] = field(default_factory=list)
     user_text: str = ""
     user_name: str | None = None
+    tenant: str = ""
+    deadline: float | None = None
+    gate: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,9 @@
-"""Provider instances shared by every agent with the same endpoint and key (one semaphore each)."""
+"""Provider instances shared by every agent with the same endpoint and key.
+
+One provider per endpoint identity (base URL, hash of the key, trust) means one bound on concurrent
+calls and one connection pool per endpoint, shared fairly between tenants by its `FairScheduler`
+(`replier.llm.fairness`); the key itself is never part of a registry key, only its hash.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ def make_provider(
     max_retries: int = 2,
     backoff: float = 0.25,
     concurrency: int = 16,
+    tenant_concurrency: int = 0,
     trusted: bool | None = None,
     egress: EgressSettings | None = None,
     resolver: Resolver | None = None,
@@ -40,6 +46,7 @@ def make_provider(
             max_retries=max_retries,
             backoff=backoff,
             concurrency=concurrency,
+            tenant_concurrency=tenant_concurrency,
             trusted=trusted,
             egress=egress,
             resolver=resolver,
@@ -54,13 +61,16 @@ class ProviderRegistry:
         max_retries: int = 2,
         backoff: float = 0.25,
         concurrency: int = 16,
+        tenant_concurrency: int = 0,
         egress: EgressSettings | None = None,
         resolver: Resolver | None = None,
     ) -> None:
-        """`egress` (default: the environment's) and `resolver` go to every provider's egress check."""
+        """`concurrency` calls per endpoint, `tenant_concurrency` of them per tenant (0: half);
+        `egress` (default: the environment's) and `resolver` go to every provider's egress check."""
         self.max_retries = max_retries
         self.backoff = backoff
         self.concurrency = concurrency
+        self.tenant_concurrency = tenant_concurrency
         self.egress = egress
         self.resolver = resolver
         self.offline = OfflineProvider()
@@ -82,6 +92,7 @@ class ProviderRegistry:
                 max_retries=self.max_retries,
                 backoff=self.backoff,
                 concurrency=self.concurrency,
+                tenant_concurrency=self.tenant_concurrency,
                 trusted=config.trusted,
                 egress=self.egress,
                 resolver=self.resolver,

@@ -9,7 +9,10 @@ Behaviour is chosen by the requested model name:
 * `fake-nomemory`: answers like `fake-echo`, but memory-extraction requests get HTTP 500;
 * `fake-malformed` / `fake-empty` / `fake-notjson` / `fake-400`: a response without choices, an
   empty reply, a 200 that is not JSON, and a non-retryable HTTP 400;
-* `fake-redirect`: HTTP 302 to `/v1/redirected` on this server (which records every hit in `redirected`).
+* `fake-redirect`: HTTP 302 to `/v1/redirected` on this server (which records every hit in `redirected`);
+* `fake-hang`: never answers (until the client gives up and disconnects, at most 60 s);
+* `fake-sleep-<seconds>` (e.g. `fake-sleep-0.05`): answers like `fake-echo` after that many seconds;
+* `fake-fail-<anything>`: HTTP 500 every time (one failing model per test, counted on its own).
 Memory-extraction requests (system prompt asks to "extract one short fact") get "NONE" unless the
 user said "my name is X". Every request body is recorded in `requests`, and its Authorization header
 (None when absent) in `authorizations`, for assertions.
@@ -27,6 +30,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from testsupport.servers import ThreadedServer
+
+
+async def _hang(request: Request, limit: float) -> None:
+    """Wait until the client disconnects (or `limit` passes), so hung calls end with the test."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not await request.is_disconnected():
+        await asyncio.sleep(0.1)
 
 
 class FakeOpenAI:
@@ -50,7 +60,10 @@ class FakeOpenAI:
         messages = body.get("messages", [])
         if model == "fake-redirect":
             return Response(status_code=302, headers={"Location": f"{self.base_url}/redirected"})
-        if model == "fake-500":
+        if model == "fake-hang":
+            await _hang(request, 60.0)
+            return JSONResponse({"error": {"message": "gave up hanging"}}, status_code=504)
+        if model == "fake-500" or model.startswith("fake-fail-"):
             return JSONResponse({"error": {"message": "fake upstream failure"}}, status_code=500)
         if model == "fake-400":
             return JSONResponse({"error": {"message": "bad request"}}, status_code=400)
@@ -89,6 +102,10 @@ class FakeOpenAI:
     async def _redirected(self, request: Request) -> Response:
         self.redirected.append(request.headers.get("authorization") or "")
         return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": "followed"}}]})
+
+    def calls(self, model: str) -> int:
+        """How many requests (chat and memory extraction) asked for `model`."""
+        return sum(1 for body in list(self.requests) if body.get("model") == model)
 
     def start(self) -> FakeOpenAI:
         self._server.start(timeout=10)
