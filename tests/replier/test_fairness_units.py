@@ -298,10 +298,11 @@ def test_the_slot_wait_counts_against_the_deadline_and_other_tenants_pass(fake_l
     async def scenario():
         provider = _provider(fake_llm, concurrency=2, tenant_concurrency=1)
         guard = LlmGuard(Breakers(failures=5))
+        first = fake_llm.calls("fake-hang")
         hung = asyncio.create_task(
             guard.call(provider, _config(fake_llm, "fake-hang", 5), "a", "a1").complete(_request("fake-hang", 5))
         )
-        await _settle_until(lambda: provider.scheduler.active("a") == 1)
+        await _settle_until(lambda: fake_llm.calls("fake-hang") > first)  # the hung call reached the model
         before = fake_llm.calls("fake-hang")
         waiting = guard.call(provider, _config(fake_llm, "fake-hang", 0.2), "a", "a2")
         with pytest.raises(SlotTimeout):
@@ -347,10 +348,11 @@ def test_an_open_breaker_answers_without_calling_and_stops_queued_calls(fake_llm
         memory = await call.extract_memory(_request("fake-fail-breaker", 5, "my name is Zed"), "reply")
         # A call admitted while closed, queued behind a slot, is stopped by the gate once it opens.
         other = BreakerKey.of("t", "b", fake_llm.base_url, None, "fake-hang")
+        hang_first = fake_llm.calls("fake-hang")
         hold = asyncio.create_task(
             guard.call(provider, _config(fake_llm, "fake-hang", 5), "t", "b").complete(_request("fake-hang", 5))
         )
-        await _settle_until(lambda: provider.scheduler.active("t") == 1)
+        await _settle_until(lambda: provider.scheduler.active("t") == 1 and fake_llm.calls("fake-hang") > hang_first)
         queued = asyncio.create_task(
             guard.call(provider, _config(fake_llm, "fake-hang", 5), "t", "b").complete(_request("fake-hang", 5))
         )
