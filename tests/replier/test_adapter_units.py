@@ -260,3 +260,43 @@ def test_the_default_media_limit_is_ten_mib_and_the_message_limit_makes_room_for
     settings = _settings()
     assert settings.max_media_bytes == 10 * 1024 * 1024
     assert settings.max_message_bytes > settings.max_payload_bytes + 2 * settings.max_media_bytes * 4 // 3
+
+
+def test_a_localhost_listener_is_loopback():
+    listener = bind(_settings(keyless_listen="localhost:0", keyless_api_key=KEY))
+    try:
+        assert listener.address[1] > 0
+    finally:
+        listener.sock.close()
+
+
+def test_only_a_dict_can_be_a_notify_segment():
+    from replier.protocol import _notify
+
+    assert _notify("notify") is None and _notify({"type": "seglist", "data": "x"}) is None
+
+
+def test_a_message_over_the_largest_size_is_refused_before_parsing():
+    from replier.inbound import Intake
+
+    owner = SimpleNamespace(settings=_settings(max_payload_bytes=1024, max_media_bytes=0))
+    assert Intake._check_size(owner, {"a": "b"}) == len(b'{"a":"b"}')
+    with pytest.raises(BadInput) as exc:
+        Intake._check_size(owner, {"a": "b" * 2000})
+    assert exc.value.code == "payload_too_large"
+
+
+def test_an_echo_whose_store_job_fails_is_logged_and_dropped(caplog):
+    from replier.connections import Connection
+    from replier.echoes import Echoes
+    from replier.metrics import Metrics
+
+    class FailingStore:
+        async def run(self, *args):
+            raise RuntimeError("database down")
+
+    shared = SimpleNamespace(settings=None, store=FailingStore(), metrics=Metrics(), connections=None, outbox=None)
+    conn = Connection("sid", "conn_1", LEGACY, "key_1", "ten_1", "agt_1", "qq", "")
+    echo = Notice("echo", "qq", "1", None, "mt-reply:1", "9")
+    asyncio.run(Echoes(shared).accept(conn, echo))
+    assert "storing the platform id of reply 'mt-reply:1' failed" in caplog.text
