@@ -442,3 +442,33 @@ def test_a_websocket_frame_limit_follows_authentication(adapter_server):
     logs = adapter_server.logs()
     assert "over the 1000000-byte limit (not authenticated" in logs
     assert "-byte limit (authenticated; MAX_MEDIA_BYTES)" in logs
+
+
+def test_two_adapters_of_one_agent_in_one_group_each_get_only_their_replies(adapter_server, keyless_tenant):
+    """Two Napcat-like adapters on the keyless listener (one agent) speak in the same group: each reply
+    goes to the adapter whose message it answers, so QQ sees it posted once (no fan-out)."""
+
+    async def scenario():
+        first = await NapcatLikeAdapter(adapter_server.keyless_url).start()
+        second = await NapcatLikeAdapter(adapter_server.keyless_url).start()
+        try:
+            group = 5550001
+            await first.send(onebot_message(4001, [LegacySeg("text", "from the first")], group_id=group))
+            one = await first.next()
+            await second.send(onebot_message(4002, [LegacySeg("text", "from the second")], group_id=group))
+            two = await second.next()
+            await first.send(onebot_message(4003, [LegacySeg("text", "first again")], group_id=group))
+            three = await first.next()
+            await wait_for(lambda: len(first.echoed) == 2 and len(second.echoed) == 1)
+            assert first.received.empty() and second.received.empty()
+        finally:
+            await first.stop()
+            await second.stop()
+        return one, two, three
+
+    one, two, three = run(scenario())
+    assert [m["message_info"]["message_id"] for m in (one, two, three)] == [
+        "mt-reply:4001",
+        "mt-reply:4002",
+        "mt-reply:4003",
+    ]
