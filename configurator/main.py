@@ -31,6 +31,7 @@ from configurator.core.passwords import common_passwords
 from configurator.core.ratelimit import SlidingWindowLimiter
 from configurator.core.security import PasswordHasher, TokenService
 from isolation.db import parse_database_url
+from isolation.health import HealthProbe
 
 log = logging.getLogger("configurator")
 
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.health.close()
             await run_in_threadpool(close_database)
 
     app = ConfiguratorApp(
@@ -88,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.register_rate_limit, settings.register_rate_window_seconds
     )
     app.state.database_kind = parse_database_url(settings.database_url).dialect
+    app.state.health = HealthProbe.from_settings(settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)

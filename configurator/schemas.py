@@ -319,3 +319,4 @@ class HealthOut(BaseModel):
     status: Literal["ok"]
     database: str
     schema_version: int
+    checks: dict[str, str] = Field(description='"database", "write", "disk": "ok", "skipped" or "error: ..."')

@@ -37,6 +37,11 @@ class BaseServiceSettings(BaseSettings):
     database_pool_size: int = Field(default=20, ge=1, le=1000)
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
 
+    # -- /health of both backends (isolation/health.py)
+    health_cache_seconds: float = Field(default=1.0, ge=0, description="a /health result is reused this long")
+    health_min_free_mb: int = Field(default=64, ge=0, description="SQLite: less free disk fails the disk check")
+    health_write_timeout_ms: int = Field(default=500, ge=1, description="SQLite: wait for the write lock")
+
     # -- secret (isolation/secret.py). Empty SECRET_KEY: the secret kept in DATA_DIR, generated at first start.
     secret_key: str = Field(default="", repr=False)
     data_dir: Path = Path("data")

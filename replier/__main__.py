@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import resource
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -42,15 +45,37 @@ class ReplierServer(uvicorn.Server):
     """uvicorn closes connections first on shutdown; we finish in-flight replies before that.
 
     While the replier drains, a client that still connects is refused by its gate ("server is
-    shutting down"); then uvicorn's own shutdown stops listening and closes what is left.
+    shutting down"); then uvicorn's own shutdown stops listening and closes what is left. The drain
+    and uvicorn's `timeout_graceful_shutdown` share one budget, `ReplierSettings.grace_seconds`.
+
+    A second signal (SIGTERM then SIGINT, two SIGINTs, ...) shortens the waits to
+    `SHUTDOWN_FORCE_SECONDS` but, unlike uvicorn's own force exit, still runs the lifespan's shutdown:
+    the store stops after its queued jobs, key use is flushed and "replier stopped" is logged.
     """
 
     def __init__(self, config: uvicorn.Config, app: ReplierApp) -> None:
         super().__init__(config)
         self.app = app
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self._captured_signals.append(sig)
+            log.warning("second stop signal (%s): shortening the shutdown", signal.Signals(sig).name)
+            self.app.replier.hurry()
+            force = self.app.settings.shutdown_force_seconds
+            self.config.timeout_graceful_shutdown = min(self.config.timeout_graceful_shutdown or force, force)
+            return
+        super().handle_exit(sig, frame)
+
     async def shutdown(self, sockets=None) -> None:
-        await self.app.replier.drain(self.app.settings.shutdown_grace_seconds)
+        loop = asyncio.get_running_loop()
+        grace = self.app.settings.grace_seconds
+        started = loop.time()
+        await self.app.replier.drain(grace)
+        # What is left of the budget for uvicorn's wait on its connections' tasks (replies were sent).
+        left = max(1.0, grace - (loop.time() - started))
+        current = self.config.timeout_graceful_shutdown
+        self.config.timeout_graceful_shutdown = min(current, left) if current is not None else left
         await super().shutdown(sockets)
 
 
@@ -153,7 +178,7 @@ def main() -> int:
         log_level=settings.log_level.lower(),
         log_config=uvicorn_log_config(),
         access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        timeout_graceful_shutdown=settings.grace_seconds,
         backlog=4096,
     )
     # uvicorn re-raises Ctrl-C after its graceful shutdown, which is already complete by then.

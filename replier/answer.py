@@ -15,6 +15,7 @@ import time
 
 from isolation import NotFound
 from isolation.context import IsolationContext
+from isolation.faults import classify
 from replier import db_jobs
 from replier.connections import StreamKey
 from replier.llm import LlmError, ProviderRegistry
@@ -59,6 +60,7 @@ class Answerer(Stage):
         self.guard = LlmGuard(breakers, settings.llm_deadline_seconds)  # fairness: replier/llm/guarded.py
         self.metrics.watch_breakers(breakers, settings.llm_breaker_metric_tenants)
         self._offline_logged: set[tuple[str, str]] = set()
+        self.extract_memories = True  # False while draining: no second model call delays a shutdown
 
     async def process(self, key: StreamKey, sid: str | None, inbound: Inbound, started: float) -> None:
         """Answer `inbound` (sent by connection `sid` at `started`) to one connection of its stream.
@@ -131,9 +133,9 @@ class Answerer(Stage):
             result = await self.store.run(db_jobs.ingest, plan.request)
         except NotFound:
             raise
-        except Exception:
-            if not plan.request.stream_known:
-                raise
+        except Exception as exc:
+            if not plan.request.stream_known or classify(exc) is not None:
+                raise  # an outage is not a deleted stream: the sender is told to retry
             # The stream may have been deleted (history cleanup): create it again, read everything.
             self.cache.forget_stream(key)
             plan.request = dataclasses.replace(
@@ -179,7 +181,8 @@ class Answerer(Stage):
         self.metrics.llm_requests.labels(provider.name, outcome).inc()
         memory = None
         wants_memory = agent.config.memory.enabled and agent.config.memory.max_memories > 0
-        if error is None and wants_memory and (provider.offline or self.settings.llm_memory_extraction):
+        extract = provider.offline or (self.settings.llm_memory_extraction and self.extract_memories)
+        if error is None and wants_memory and extract:
             try:
                 memory = worth_storing(await call.extract_memory(request, text), memories)
             except Exception as exc:

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from isolation import db as isolation_db
+from isolation.health import HealthProbe
 from isolation.migrate import check_schema, describe
 from replier.core.config import ReplierSettings, get_settings
 from replier.edge import Edge
@@ -30,11 +31,6 @@ from replier.store import Store
 log = logging.getLogger("replier")
 
 SOCKETIO_PATH = "ws"
-
-
-def _ping_database() -> bool:
-    isolation_db.database.execute_sql("SELECT 1").fetchone()
-    return True
 
 
 def http_buffer_limit(settings: ReplierSettings) -> int:
@@ -85,17 +81,18 @@ def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener
     replier = Replier(settings, Outbox(sio, metrics), metrics, store)
     replier.gate.keyless = keyless
 
+    probe = HealthProbe.from_settings(settings)
+
     async def health(request: Request) -> JSONResponse:
-        try:
-            await asyncio.wait_for(store.run(_ping_database), 5.0)
-            database = "ok"
-        except Exception as exc:
-            database = f"error: {type(exc).__name__}"
-        status = 200 if database == "ok" else 503
+        # The checks run on the probe's own thread and connection (isolation/health.py), so a long
+        # batch on the store's workers does not delay them; the result is cached briefly.
+        report = await probe.check()
+        status = 200 if report.ok else 503
         return JSONResponse(
             {
-                "status": "ok" if status == 200 else "degraded",
-                "database": database,
+                "status": report.status,
+                "checks": report.checks,
+                "database": report.checks.get("database", "error"),
                 "connections": len(replier.connections),
                 "unauthenticated": guard.unauthenticated,
                 "accepting": replier.accepting,
@@ -137,9 +134,10 @@ def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener
             yield
         finally:
             malformed.flush()
-            await replier.drain(settings.shutdown_grace_seconds)
+            await replier.drain(settings.grace_seconds)
             await replier.stop()
             await asyncio.to_thread(store.stop)
+            await asyncio.to_thread(probe.close)
             isolation_db.close_database()
             log.info("replier stopped")
 

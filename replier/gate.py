@@ -14,11 +14,12 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from isolation.ids import hash_api_key, utcnow
+from isolation.logthrottle import ThrottledLog
 from isolation.system import ApiKeyPrincipal, lookup_api_key
 from replier import db_jobs
 from replier.connections import Connection, new_connection_id
+from replier.faults import report
 from replier.keyless import KeylessListener
-from replier.logthrottle import ThrottledLog
 from replier.outbox.server import SESSION_KEY
 from replier.protocol import API, LEGACY
 from replier.stage import Shared, Stage
@@ -115,7 +116,15 @@ class Gate(Stage):
             if _query_has_key(environ):
                 self._refuse("key_in_query", KEY_IN_QUERY, who)
             self._refuse("missing_key", "missing api key: send it in the x-apikey (or Authorization) header", who)
-        principal = await self.lookup(api_key)
+        try:
+            principal = await self.lookup(api_key)
+        except Exception as exc:
+            fault = report(exc, "api key lookup")
+            if fault is None:
+                raise
+            # An outage is not the client's fault: a retryable reason, no traceback per connect.
+            self.metrics.refused.labels(fault.code).inc()
+            self.outbox.refuse(f"{fault.code}: {fault.message} (retryable)")
         if principal is None:
             self._refuse("invalid_key", "invalid api key", who)
         who = (who[0], who[1], f"key id {principal.key_id}")

@@ -516,25 +516,31 @@ def build_api_error(
     msg_id: str | None = None,
     message_id: str | None = None,
     route: Route | None = None,
+    retryable: bool = False,
 ) -> dict:
     """A `custom_error` envelope (maim clients deliver it to a handler registered for "custom_error").
 
     Its payload names the message (`msg_id`, `message_id`) and its chat (`platform`, `group_info`,
-    `user_info`, ids as they arrived), so a client can show the error where the message was sent."""
+    `user_info`, ids as they arrived), so a client can show the error where the message was sent.
+    `retryable: true` tells the client that the same message may succeed later (a database outage):
+    nothing was stored, send it again after a pause."""
     route = route or Route()
+    payload = {
+        "code": code,
+        "message": message,
+        "msg_id": msg_id,
+        "message_id": message_id,
+        "platform": route.platform,
+        **route.as_dicts(),
+    }
+    if retryable:
+        payload["retryable"] = True
     return {
         "ver": 1,
         "msg_id": _new_msg_id("err"),
         "type": "custom_error",
         "meta": {"sender_user": "server", "timestamp": time.time()},
-        "payload": {
-            "code": code,
-            "message": message,
-            "msg_id": msg_id,
-            "message_id": message_id,
-            "platform": route.platform,
-            **route.as_dicts(),
-        },
+        "payload": payload,
     }
 
 
@@ -629,20 +635,25 @@ def build_legacy_error(
     platform: str | None = None,
     message_id: str | None = None,
     route: Route | None = None,
+    retryable: bool = False,
 ) -> dict:
-    """A bare MessageBase whose text states the error; `additional_config.maitenant.error` has the code.
+    """A bare MessageBase whose text states the error; `additional_config.maitenant.error` has the code
+    (and `retryable: true` when sending the message again later may succeed).
 
     It carries the failed message's `group_info`/`user_info` (ids as they arrived), so an adapter such
     as MaiBot-Napcat-Adapter posts it in that chat like any reply."""
     route = route or Route(platform)
     group, user = route.legacy_infos()
+    error: dict = {"code": code, "message": message, "message_id": message_id}
+    if retryable:
+        error["retryable"] = True
     info = LegacyMessageInfo(
         platform=route.platform or platform or "maitenant",
         message_id=f"mt-error:{_new_msg_id('e')}",
         time=time.time(),
         group_info=group,
         user_info=user,
-        additional_config={"maitenant": {"error": {"code": code, "message": message, "message_id": message_id}}},
+        additional_config={"maitenant": {"error": error}},
     )
     return MessageBase(
         message_info=info, message_segment=LegacySeg(type="text", data=f"[error {code}] {message}")

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from replier.answer import Answerer
 from replier.connections import ConnectionRegistry
 from replier.core.config import ReplierSettings
+from replier.faults import report
 from replier.gate import Gate
 from replier.inbound import Intake
 from replier.llm import ProviderRegistry
@@ -48,6 +49,7 @@ class Replier:
         self.streams = Streams(shared, self.gate.usage, self.answerer)
         self.intake = Intake(shared, self.streams)
         self.tasks: list[asyncio.Task] = []  # the background loops, once started
+        self._hurry = asyncio.Event()
         self._frozen_at = 0
         outbox.listen(connect=self.gate.on_connect, disconnect=self.gate.on_disconnect, message=self.intake.on_message)
 
@@ -79,27 +81,59 @@ class Replier:
             asyncio.create_task(self.gc_freeze_loop(), name="replier-gc"),
         ]
 
+    def hurry(self) -> None:
+        """A second stop signal: the drain waits at most `SHUTDOWN_FORCE_SECONDS` more (the store
+        stop, the usage flush and the rest of the shutdown still run)."""
+        self._hurry.set()
+
     async def drain(self, timeout: float) -> None:
-        """Stop taking connections and messages, let in-flight replies finish, then close every connection."""
+        """Stop taking connections and messages, let in-flight replies finish, then close every connection.
+
+        In-flight replies are sent before any connection is closed; the wait ends after `timeout`
+        seconds, or `SHUTDOWN_FORCE_SECONDS` after `hurry()`. No new memory extraction starts once
+        draining (a second model call would only make the wait longer).
+        """
         if not self.accepting:
             return
         self.gate.accepting = self.streams.accepting = False
+        self.answerer.extract_memories = False
         if self.streams.inflight:
-            log.info("waiting for %d in-flight replies", self.streams.inflight)
-            try:
-                await self.streams.settle(timeout)
-            except TimeoutError:
+            log.info("waiting up to %.1fs for %d in-flight replies", timeout, self.streams.inflight)
+            if not await self._settle(timeout):
                 log.warning("%d replies still in flight after %.1fs; closing anyway", self.streams.inflight, timeout)
         sids = list(self.connections.by_sid)
         if sids:
             log.info("closing %d connections", len(sids))
             await self.outbox.close_all(sids)
 
+    async def _settle(self, timeout: float) -> bool:
+        """Wait until nothing is in flight (True), at most `timeout` or the shorter wait after `hurry`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        settled = asyncio.ensure_future(self.streams.settle(timeout))
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait({settled, hurried}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not settled.done() and hurried.done():
+                left = min(deadline - loop.time(), self.settings.shutdown_force_seconds)
+                log.warning("second stop signal: waiting at most %.1fs more for in-flight replies", max(0.0, left))
+                await asyncio.wait({settled}, timeout=max(0.0, left))
+        finally:
+            hurried.cancel()
+            if not settled.done():
+                settled.cancel()
+        return settled.done() and not settled.cancelled() and settled.exception() is None
+
     async def stop(self) -> None:
+        """After the drain: end the background loops and what is still in flight, flush key use, and
+        only then close the LLM clients (a reply still using one would fail with "client has been closed")."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks.clear()
+        abandoned = await self.streams.cancel()
+        if abandoned:
+            log.warning("%d replies abandoned at shutdown (stored messages are answered after the restart)", abandoned)
         await self.gate.usage.flush()
         await self.providers.aclose()
 
@@ -113,8 +147,9 @@ class Replier:
                 await job()
             except StoreClosed:
                 return
-            except Exception:
-                log.exception("%s failed", what)
+            except Exception as exc:
+                if report(exc, what) is None:  # an outage is logged once per interval (replier/faults.py)
+                    log.exception("%s failed", what)
 
     async def gc_freeze_loop(self) -> None:
         """`gc.freeze()` after bursts of connects keeps full collections out of the latency tail."""

@@ -22,9 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from isolation import db as isolation_db
+from isolation.faults import handle
+from isolation.logthrottle import FaultLog
 
 log = logging.getLogger("replier.store")
 
+_faults = FaultLog(log, 10.0)
 _STOP = object()
 _SAFETY_CHECKPOINT_PAGES = 20_000  # ~80 MB of WAL before a writer checkpoints by itself
 
@@ -176,7 +179,11 @@ class Store:
                     except Exception as exc:
                         results.append((future, False, exc))
         except Exception as exc:  # the commit itself failed: every job of the batch failed
-            log.exception("database batch of %d jobs failed", len(batch))
+            fault = handle(exc)
+            if fault is None:
+                log.exception("database batch of %d jobs failed", len(batch))
+            else:  # an outage: one line per interval, the jobs' callers answer "retry later"
+                _faults.report(fault, f"database batch of {len(batch)} jobs", exc)
             results = [(future, False, exc) for _, _, future in batch]
             self._reset_connection()
         return results

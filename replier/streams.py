@@ -17,6 +17,7 @@ from isolation import Scoped
 from isolation.context import IsolationContext
 from replier.answer import Answerer
 from replier.connections import Connection, StreamKey
+from replier.faults import reply_fault
 from replier.gate import KeyUsage
 from replier.protocol import Inbound
 from replier.stage import Shared, Stage
@@ -51,6 +52,15 @@ class Streams(Stage):
     async def settle(self, timeout: float) -> None:
         """Wait until no message is in flight; `TimeoutError` after `timeout` seconds."""
         await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def cancel(self) -> int:
+        """Cancel the streams still answering (shutdown, after the grace); returns the messages left."""
+        left = self._inflight
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return left
 
     async def accept(self, conn: Connection, inbound: Inbound) -> None:
         """Queue a valid chat message from `conn` behind the earlier ones of its stream."""
@@ -88,7 +98,9 @@ class Streams(Stage):
                 sid, inbound, started = queue.popleft()
                 try:
                     await self.answerer.process(key, sid, inbound, started)
-                except Exception:
+                except Exception as exc:
+                    if await reply_fault(self.outbox, self.connections.get(sid), inbound, exc):
+                        continue  # an outage: the sender was told to retry (replier/faults.py)
                     log.exception("processing message %r failed", inbound.message_id)
                     conn = self.connections.get(sid)
                     if conn is not None:

@@ -1,8 +1,13 @@
 """One error body everywhere: ``{"error": {"code", "message", "details"}}``.
 
 Handlers cover our own `ApiError`, the isolation errors (a foreign id is a `NotFound` like a missing
-one), FastAPI's validation errors, Starlette's 404/405 and anything unexpected (a 500 without
-internals).
+one), FastAPI's validation errors, Starlette's 404/405, database outages (503 `database_unavailable` or
+`storage_full` with `Retry-After`, classified by `isolation.faults`) and anything unexpected (a 500
+without internals).
+
+Failures are logged through throttles (`isolation.logthrottle`): one line per kind and interval with
+a count, the traceback only on the first line of an episode. Database errors are handled here rather
+than by Starlette's last-resort middleware, which would log a second traceback through uvicorn.
 """
 
 from __future__ import annotations
@@ -18,8 +23,14 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from isolation.errors import Conflict, InvalidContextError, InvalidValueError, IsolationViolationError, NotFound
+from isolation.faults import database_errors, handle
+from isolation.logthrottle import FaultLog, ThrottledLog
 
 log = logging.getLogger("configurator")
+
+FAULT_LOG_SECONDS = 10.0
+faults = FaultLog(log, FAULT_LOG_SECONDS)  # database outages: one line per kind per interval
+unexpected = ThrottledLog(log, FAULT_LOG_SECONDS, logging.ERROR)  # bugs: one per (type, route) per interval
 
 
 class ErrorInfo(BaseModel):
@@ -80,6 +91,7 @@ _STATUS_CODES = {
     415: "unsupported_media_type",
     422: "validation_error",
     429: "rate_limited",
+    503: "service_unavailable",
 }
 
 
@@ -127,8 +139,25 @@ async def _isolation_violation(request: Request, exc: IsolationViolationError) -
     return error_response(500, "internal_error", "internal server error")
 
 
+def _route(request: Request) -> str:
+    """The route's path template (ids left out), so one failing route is one log key."""
+    route = request.scope.get("route")
+    return f"{request.method} {getattr(route, 'path', None) or request.url.path}"
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """503 with `Retry-After` for an outage (the client should retry), else the 500 of a bug."""
+    fault = handle(exc)
+    if fault is None:
+        return await _unexpected(request, exc)
+    faults.report(fault, _route(request), exc)
+    headers = {"Retry-After": str(fault.retry_after)}
+    return error_response(503, fault.code, fault.message, {"retryable": True}, headers)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    what = _route(request)
+    unexpected.log(type(exc).__name__, what, "unhandled error on %s: %s", what, type(exc).__name__, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
 
 
@@ -141,6 +170,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(IsolationViolationError, _isolation_violation)
+    for error_type in database_errors():
+        app.add_exception_handler(error_type, _database_error)
     app.add_exception_handler(Exception, _unexpected)
 
 
@@ -164,7 +195,8 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "Malformed request (e.g. unparseable JSON)",
         409: "Conflict with existing data",
         429: "Too many attempts",
+        503: "Database unavailable or storage full: retry after `Retry-After` seconds",
     }
-    for code in sorted({*codes, 400, 413, 422}):
+    for code in sorted({*codes, 400, 413, 422, 503}):
         out[code] = COMMON_RESPONSES.get(code) or {"model": ErrorResponse, "description": descriptions[code]}
     return out

@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr
 
 from isolation.egress import EgressSettings
 
+SHUTDOWN_MARGIN_SECONDS = 5.0  # storing and sending a reply after its model call
+
 
 class ReplierSettings(EgressSettings):
     """The shared settings (database, secret, outbound LLM policy) plus the replier's own."""
@@ -88,7 +90,21 @@ class ReplierSettings(EgressSettings):
     # Process
     gc_freeze: bool = True
     gil_switch_interval: float = Field(default=0.0005, gt=0, le=0.1)
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    shutdown_grace_seconds: float | None = Field(
+        default=None, ge=0, description="unset: one LLM call with its retries plus a margin (`grace_seconds`)"
+    )
+    shutdown_force_seconds: float = Field(default=3.0, ge=0, description="the wait left after a second signal")
+
+    @property
+    def grace_seconds(self) -> float:
+        """How long a graceful stop waits for in-flight replies: `SHUTDOWN_GRACE_SECONDS`, or by default
+        what one model call may take with every retry (timeouts plus exponential backoff) and a margin
+        to store and send the reply, so a SIGTERM never cuts a reply that is on its way."""
+        if self.shutdown_grace_seconds is not None:
+            return self.shutdown_grace_seconds
+        attempts = self.llm_max_retries + 1
+        backoff = self.llm_retry_backoff_seconds * (2**self.llm_max_retries - 1)
+        return self.llm_timeout_seconds * attempts + backoff + SHUTDOWN_MARGIN_SECONDS
 
     @property
     def max_message_bytes(self) -> int:

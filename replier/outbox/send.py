@@ -16,8 +16,8 @@ from typing import Any, NoReturn
 
 import socketio
 
+from isolation.logthrottle import ThrottledLog
 from replier.connections import Connection
-from replier.logthrottle import ThrottledLog
 from replier.metrics import Metrics
 from replier.protocol import (
     API,
@@ -79,6 +79,7 @@ class Outbox:
         message_id: str | None = None,
         platform: str | None = None,
         route: Route | None = None,
+        retryable: bool = False,
     ) -> None:
         """An error in the connection's protocol, counted and logged (throttled) as a rejected message.
 
@@ -96,12 +97,18 @@ class Outbox:
             conn.key_id,
         )
         if conn.protocol == API:
-            data = build_api_error(code, message, msg_id=msg_id, message_id=message_id, route=route)
+            data = build_api_error(
+                code, message, msg_id=msg_id, message_id=message_id, route=route, retryable=retryable
+            )
         else:
-            data = build_legacy_error(code, message, platform=platform, message_id=message_id, route=route)
+            data = build_legacy_error(
+                code, message, platform=platform, message_id=message_id, route=route, retryable=retryable
+            )
         await self.send(conn.sid, data)
 
-    async def reply_error(self, conn: Connection, inbound: Inbound, code: str, message: str) -> None:
+    async def reply_error(
+        self, conn: Connection, inbound: Inbound, code: str, message: str, *, retryable: bool = False
+    ) -> None:
         """An error about an accepted message (it names the message and its chat in either protocol)."""
         await self.error(
             conn,
@@ -111,6 +118,7 @@ class Outbox:
             message_id=inbound.message_id,
             platform=inbound.platform,
             route=inbound.route,
+            retryable=retryable,
         )
 
     async def reply(

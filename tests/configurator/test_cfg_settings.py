@@ -117,6 +117,7 @@ def test_health_reports_the_database(client, settings):
         "status": "ok",
         "database": settings.database_url.split(":")[0],
         "schema_version": response.json()["schema_version"],
+        "checks": {"database": "ok", "write": "ok", "disk": "ok" if "sqlite" in settings.database_url else "skipped"},
     }
     assert response.json()["schema_version"] >= 1
 
@@ -152,16 +153,19 @@ def test_sliding_window_limiter_forgets_old_attempts():
 
 
 def test_health_is_503_when_the_database_does_not_answer(client, monkeypatch):
-    import configurator.api.routes.health as health_route
+    from isolation import db as isolation_db
 
-    def broken():
+    def broken(*args, **kwargs):
         raise OSError("connection refused")
 
-    monkeypatch.setattr(health_route, "ping", broken)
+    probe = client.app.state.health
+    monkeypatch.setattr(probe, "ttl", 0)
+    monkeypatch.setattr(isolation_db, "connection", broken)
     response = client.get("/health")
     assert response.status_code == 503
-    assert response.json()["error"] == {
-        "code": "unavailable",
-        "message": "database not reachable",
-        "details": {"reason": "OSError"},
-    }
+    assert response.headers["retry-after"] == "2"
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["checks"]["database"] == "error: OSError"
+    assert body["error"]["code"] == "unavailable"
+    assert body["error"]["details"]["checks"]["database"] == "error: OSError"

@@ -36,6 +36,7 @@ SQL_MODULES = {
     "isolation/db.py",  # the tenant binding, the health ping
     "isolation/system.py",  # SECURITY DEFINER lookups before a tenant is known
     "isolation/migrate.py",
+    "isolation/health.py",  # /health: SELECT 1, BEGIN IMMEDIATE/ROLLBACK, txid_current(); no table
 }
 
 

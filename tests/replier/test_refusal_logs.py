@@ -16,7 +16,7 @@ import pytest
 import websockets
 from replier_support import ReplierProcess, make_tenant, run, socketio_connect
 
-from replier import logthrottle
+from isolation import logthrottle
 from replier.gate import key_hint
 
 THROTTLE_SECONDS = 10.0  # replier.gate.REFUSAL_LOG_SECONDS

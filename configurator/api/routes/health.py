@@ -1,11 +1,16 @@
-"""`GET /health`: the process is up and the database answers (the schema version was checked at start)."""
+"""`GET /health`: the database answers, takes a write and has disk left (`isolation.health`).
+
+The checks run on the probe's own thread (not the route thread pool, which may be full under load)
+and are cached for `HEALTH_CACHE_SECONDS`; the schema version was checked at start. A failed check
+answers 503 with the usual error body plus the same per-check report.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
-from configurator.core.db import ping
-from configurator.core.errors import ErrorResponse, error_response, responses
+from configurator.core.errors import ErrorResponse, responses
 from configurator.schemas import HealthOut
 from isolation.migrate import LATEST_VERSION
 
@@ -15,11 +20,13 @@ router = APIRouter(tags=["health"])
 @router.get(
     "/health",
     response_model=HealthOut,
-    responses={**responses(), 503: {"model": ErrorResponse, "description": "Database unavailable"}},
+    responses={**responses(), 503: {"model": ErrorResponse, "description": "A check failed (see `checks`)"}},
 )
-def health(request: Request):
-    try:
-        ping()
-    except Exception as exc:
-        return error_response(503, "unavailable", "database not reachable", {"reason": type(exc).__name__})
-    return HealthOut(status="ok", database=request.app.state.database_kind, schema_version=LATEST_VERSION)
+async def health(request: Request):
+    report = await request.app.state.health.check()
+    body = {"database": request.app.state.database_kind, "schema_version": LATEST_VERSION, **report.body()}
+    if report.ok:
+        return body
+    failed = {name: value for name, value in report.checks.items() if value.startswith("error")}
+    body["error"] = {"code": "unavailable", "message": "health check failed", "details": {"checks": failed}}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
