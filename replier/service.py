@@ -51,6 +51,7 @@ class Replier:
         self.tasks: list[asyncio.Task] = []  # the background loops, once started
         self._hurry = asyncio.Event()
         self._frozen_at = 0
+        self._frozen_peak = 0  # the connection count of the freezes since the last unfreeze
         outbox.listen(connect=self.gate.on_connect, disconnect=self.gate.on_disconnect, message=self.intake.on_message)
 
     @property
@@ -152,7 +153,13 @@ class Replier:
                     log.exception("%s failed", what)
 
     async def gc_freeze_loop(self) -> None:
-        """`gc.freeze()` after bursts of connects keeps full collections out of the latency tail."""
+        """`gc.freeze()` after bursts of connects keeps full collections out of the latency tail.
+
+        Frozen objects are never collected, including garbage frozen with them (a connection that
+        closed while its cycles still waited for a collection). When the connection count falls to
+        half of what it was at the last freeze, most of what was frozen belongs to connections that are
+        gone: `gc.unfreeze()` hands it back to the collector, and the next burst is frozen afresh.
+        """
         if not self.settings.gc_freeze:
             return
         while True:
@@ -162,5 +169,9 @@ class Replier:
                 # Move the new connections' long-lived objects out of the collector's way (cheap).
                 gc.freeze()
                 self._frozen_at = count
+                self._frozen_peak = max(self._frozen_peak, count)
             elif count < self._frozen_at:
                 self._frozen_at = count
+                if self._frozen_peak and count <= self._frozen_peak // 2:
+                    gc.unfreeze()
+                    self._frozen_peak = count

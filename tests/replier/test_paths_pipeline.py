@@ -447,6 +447,12 @@ def test_gc_freezing_follows_the_connection_count(configured_db):
                 for conn in conns[:10]:
                     replier.connections.remove(conn.sid)
                 await wait_for(lambda: replier.frozen_at == 40)
+                assert gc.get_freeze_count() > frozen // 2  # a few connections gone: still frozen
+                for conn in conns[10:30]:
+                    replier.connections.remove(conn.sid)
+                await wait_for(lambda: replier.frozen_at == 20)
+                # Most of the frozen connections are gone: what was frozen is collectable again.
+                assert gc.get_freeze_count() == 0
                 return frozen
             finally:
                 task.cancel()
