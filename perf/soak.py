@@ -72,6 +72,8 @@ class Minute:
     rest_errors: int = 0
     churn: int = 0
     churn_errors: int = 0
+    health: list[float] = field(default_factory=list)
+    health_failures: int = 0
 
 
 class Soak:
@@ -148,6 +150,21 @@ class Soak:
 
         await self._paced(one, self.args.churn_rate)
 
+    async def health(self, urls: list[str]) -> None:
+        """Both backends' /health once a second: its latency under this load, and any non-200."""
+        async with httpx.AsyncClient(timeout=10) as http:
+            while time.monotonic() < self.stop_at:
+                for url in urls:
+                    started = time.monotonic()
+                    try:
+                        response = await http.get(url)
+                        self.minute.health.append(time.monotonic() - started)
+                        if response.status_code != 200:
+                            self.minute.health_failures += 1
+                    except httpx.HTTPError:
+                        self.minute.health_failures += 1
+                await asyncio.sleep(1)
+
     async def _paced(self, job, rate: float) -> None:
         tasks: set[asyncio.Task] = set()
         started = time.monotonic()
@@ -160,16 +177,19 @@ class Soak:
             await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))
         await asyncio.gather(*tasks)
 
-    async def run(self, servers: dict[str, int]) -> list[dict]:
+    async def run(self, servers: dict[str, int], health_urls: list[str]) -> list[dict]:
         self.stop_at = time.monotonic() + self.args.minutes * 60
         load = [asyncio.create_task(self.rest()), asyncio.create_task(self.churn())]
+        load.append(asyncio.create_task(self.health(health_urls)))
         load += [
             asyncio.create_task(self.chat_client(i, self.keys[i % len(self.keys)]))
             for i in range(self.args.chat_clients)
         ]
         rows = []
         header = f"{'min':>3} " + " ".join(f"{name[:4] + ' RSS':>9} {name[:4] + ' fds':>8}" for name in servers)
-        header += f" {'chat p99':>9} {'REST p99':>9} {'chats':>6} {'REST':>6} {'churn':>6} {'errors':>6}"
+        header += (
+            f" {'chat p99':>9} {'REST p99':>9} {'health max':>10} {'chats':>6} {'REST':>6} {'churn':>6} {'errors':>6}"
+        )
         print(header, flush=True)
         for number in range(1, int(self.args.minutes) + 1):
             await asyncio.sleep(max(0.0, self.stop_at - (self.args.minutes - number) * 60 - time.monotonic()))
@@ -181,6 +201,8 @@ class Soak:
             row.update(
                 chat_p99_ms=round(p99(minute.chat), 1),
                 rest_p99_ms=round(p99(minute.rest), 1),
+                health_max_ms=round(max(minute.health, default=0.0) * 1000, 1),
+                health_failures=minute.health_failures,
                 chats=len(minute.chat),
                 rest=len(minute.rest),
                 churn=minute.churn,
@@ -189,7 +211,8 @@ class Soak:
             rows.append(row)
             cells = " ".join(f"{row[f'{n}_rss_mb']:>9.1f} {row[f'{n}_fds']:>8}" for n in servers)
             print(
-                f"{number:>3} {cells} {row['chat_p99_ms']:>9.1f} {row['rest_p99_ms']:>9.1f} {row['chats']:>6}"
+                f"{number:>3} {cells} {row['chat_p99_ms']:>9.1f} {row['rest_p99_ms']:>9.1f}"
+                f" {row['health_max_ms']:>10.1f} {row['chats']:>6}"
                 f" {row['rest']:>6} {row['churn']:>6} {row['errors']:>6}",
                 flush=True,
             )
@@ -216,6 +239,9 @@ def verdict(rows: list[dict], names: list[str]) -> list[str]:
             early, late = rows[1][kind], rows[-1][kind]
             if late > 3 * early and late > 100:
                 problems.append(f"{kind} rose from {early} to {late}")
+    failures = sum(r["health_failures"] for r in rows)
+    if failures:
+        problems.append(f"/health failed {failures} times")
     total = sum(r["chats"] + r["rest"] + r["churn"] for r in rows)
     errors = sum(r["errors"] for r in rows)
     if total and errors / total > 0.001:
@@ -295,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                 keys,
             )
             pids = {name: server.process.pid for name, server in servers.items()}
-            rows = asyncio.run(soak.run(pids))
+            health_urls = [f"http://127.0.0.1:{port}/health" for port in ports.values()]
+            rows = asyncio.run(soak.run(pids, health_urls))
         finally:
             for server in servers.values():
                 server.stop()

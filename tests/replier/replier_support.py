@@ -83,7 +83,11 @@ class ReplierProcess(ServerProcess):
         """Start (or restart: the log is appended to) and wait for /health; ServerNotReady (a
         RuntimeError) with the log if it exits first or is not healthy in `timeout`."""
         super().start()
-        self.wait_healthy(timeout, interval=0.05, log_chars=20000)
+        try:
+            self.wait_healthy(timeout, interval=0.05, log_chars=20000)
+        except Exception:
+            self.stop(timeout=5)  # never leave a server behind that the test cannot reach any more
+            raise
         return self
 
     def kill9(self) -> None:
