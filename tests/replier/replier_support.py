@@ -86,7 +86,7 @@ class ReplierProcess(ServerProcess):
         try:
             self.wait_healthy(timeout, interval=0.05, log_chars=20000)
         except Exception:
-            self.stop(timeout=5)  # never leave a server behind that the test cannot reach any more
+            ServerProcess.stop(self, timeout=5)  # never leave a server behind the test cannot reach any more
             raise
         return self
 
