@@ -25,8 +25,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from isolation.logthrottle import ThrottledLog
 from replier.llm.base import LlmError
-from replier.logthrottle import ThrottledLog
 
 log = logging.getLogger("replier.llm.breaker")
 
