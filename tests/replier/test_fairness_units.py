@@ -263,6 +263,21 @@ def test_a_hanging_model_is_not_retried_past_the_deadline(fake_llm):
     assert asyncio.run(scenario()) == 1  # the old code made six calls (one per attempt)
 
 
+def test_a_timeout_is_retried_while_a_full_attempt_fits_before_an_explicit_deadline(fake_llm):
+    async def scenario():
+        provider = _provider(fake_llm)  # five retries allowed
+        guard = LlmGuard(Breakers(failures=5), deadline=2.0)  # room for several 0.3 s attempts, not six
+        before = fake_llm.calls("fake-hang")
+        with pytest.raises(LlmError, match="timeout"):
+            await guard.call(provider, _config(fake_llm, "fake-hang", 0.3), "t", "a").complete(
+                _request("fake-hang", 0.3)
+            )
+        await provider.aclose()
+        return fake_llm.calls("fake-hang") - before
+
+    assert 2 <= asyncio.run(scenario()) <= 6
+
+
 def test_fast_errors_are_retried_within_the_deadline_and_not_after_it(fake_llm):
     async def scenario():
         provider = _provider(fake_llm, max_retries=2)
