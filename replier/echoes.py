@@ -15,6 +15,7 @@ import logging
 from isolation import fastpath
 from isolation.context import IsolationContext
 from replier.connections import Connection
+from replier.faults import report
 from replier.protocol import ECHO, REPLY_ID_PREFIX, Notice
 from replier.stage import Stage
 from replier.streams import stream_id
@@ -48,8 +49,11 @@ class Echoes(Stage):
         )
         try:
             stored = await self.store.run(record_echo, ctx, reply_id, platform_id)
-        except Exception:
-            log.exception("storing the platform id of reply %r failed", reply_id)
+        except Exception as exc:
+            # An echo is informational: during a database outage it is dropped (one throttled line
+            # for all of them, replier.faults), anything else is a bug worth a traceback.
+            if report(exc, "adapter echo") is None:
+                log.exception("storing the platform id of reply %r failed", reply_id)
             return
         if not stored:
             log.info(

@@ -300,3 +300,21 @@ def test_an_echo_whose_store_job_fails_is_logged_and_dropped(caplog):
     echo = Notice("echo", "qq", "1", None, "mt-reply:1", "9")
     asyncio.run(Echoes(shared).accept(conn, echo))
     assert "storing the platform id of reply 'mt-reply:1' failed" in caplog.text
+
+
+def test_an_echo_lost_to_a_database_outage_goes_to_the_throttled_fault_log(caplog):
+    from playhouse.pool import MaxConnectionsExceeded
+
+    from replier.connections import Connection
+    from replier.echoes import Echoes
+    from replier.metrics import Metrics
+
+    class DownStore:
+        async def run(self, *args):
+            raise MaxConnectionsExceeded("pool exhausted")
+
+    shared = SimpleNamespace(settings=None, store=DownStore(), metrics=Metrics(), connections=None, outbox=None)
+    conn = Connection("sid", "conn_1", LEGACY, "key_1", "ten_1", "agt_1", "qq", "")
+    asyncio.run(Echoes(shared).accept(conn, Notice("echo", "qq", "1", None, "mt-reply:2", "9")))
+    assert "database_unavailable: adapter echo failed" in caplog.text
+    assert "storing the platform id" not in caplog.text
