@@ -95,6 +95,9 @@ class HealthProbe:
     async def check(self) -> HealthReport:
         """The cached report while fresh, else a new one (one run at a time; waits at most `timeout`)."""
         report = self._report
+        running = self._running
+        if running is not None and running.done() and not running.cancelled() and running.exception() is None:
+            report = self._report = running.result()  # a run that outlived an earlier request's wait
         if report is not None and time.monotonic() - report.checked_at < self.ttl:
             return report
         if self._running is None or self._running.done():
