@@ -14,7 +14,8 @@ behind:
 
 The checks run on a thread of their own with its own connection, never on the event loop nor on a
 worker that a long batch of database work may hold, and the result is kept `HEALTH_CACHE_SECONDS`
-(concurrent requests share one run), so `/health` stays fast under load.
+(concurrent requests share one run); a result younger than two intervals is answered at once while
+the next run refreshes it, so `/health` stays fast under load.
 """
 
 from __future__ import annotations
@@ -98,12 +99,17 @@ class HealthProbe:
         running = self._running
         if running is not None and running.done() and not running.cancelled() and running.exception() is None:
             report = self._report = running.result()  # a run that outlived an earlier request's wait
-        if report is not None and time.monotonic() - report.checked_at < self.ttl:
+        age = time.monotonic() - report.checked_at if report is not None else None
+        if age is not None and age < self.ttl:
             return report
         if self._running is None or self._running.done():
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")
             self._running = asyncio.get_running_loop().run_in_executor(self._executor, self.run_checks)
+        if age is not None and age < 2 * self.ttl:
+            # Served at once while the refresh runs: a check that waits for SQLite's write lock under
+            # load must not make /health slow; a failure still shows within two cache intervals.
+            return report
         try:
             report = await asyncio.wait_for(asyncio.shield(self._running), self.timeout)
         except TimeoutError:

@@ -186,6 +186,25 @@ def test_health_checks_read_write_and_disk_and_are_cached(configured_db):
     assert second is first  # within the cache interval: no second run
 
 
+def test_a_recent_result_is_answered_at_once_while_a_new_run_refreshes_it(configured_db):
+    probe = HealthProbe(ttl=0.3, min_free_bytes=1)
+
+    async def scenario():
+        first = await probe.check()
+        await asyncio.sleep(0.35)  # older than the interval, younger than two
+        stale = await probe.check()
+        refreshing = probe._running
+        await refreshing
+        return first, stale, await probe.check()
+
+    try:
+        first, stale, fresh = asyncio.run(scenario())
+    finally:
+        probe.close()
+    assert stale is first  # answered without waiting for the run it started
+    assert fresh is not first and fresh.checked_at > first.checked_at
+
+
 def test_health_reports_too_little_free_disk(configured_db):
     from playhouse.pool import PooledDatabase
 
