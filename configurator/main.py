@@ -32,6 +32,7 @@ from configurator.core.ratelimit import SlidingWindowLimiter
 from configurator.core.security import PasswordHasher, TokenService
 from isolation.db import parse_database_url
 from isolation.health import HealthProbe
+from isolation.signals import publisher
 
 log = logging.getLogger("configurator")
 
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.database_kind = parse_database_url(settings.database_url).dialect
     app.state.health = HealthProbe.from_settings(settings)
+    app.state.signals = publisher(settings.redis_url, settings.redis_prefix)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)

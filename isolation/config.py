@@ -50,6 +50,15 @@ class BaseServiceSettings(BaseSettings):
     # A Fernet key for stored LLM keys; unset, one is derived from the server secret (isolation/crypto.py).
     maitenant_encryption_key: str | None = Field(default=None, repr=False)
 
+    # -- scale-out (README "Scaling out"). Unset REDIS_URL: one process, nothing shared, as before.
+    # Set: the replier's Socket.IO server uses python-socketio's Redis manager, key/agent/tenant changes
+    # reach every replier through Redis pub/sub (isolation/signals.py), and the configurator's rate
+    # limits are counted in Redis. The URL may hold a password: never logged, never in a repr.
+    redis_url: str = Field(default="", repr=False)
+    # Every Redis channel and key this deployment uses starts with it (several deployments, or test
+    # runs, can share one Redis).
+    redis_prefix: str = Field(default="maitenant", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
     @model_validator(mode="after")
     def _safe_for_environment(self) -> BaseServiceSettings:
         """Refuse a public or short SECRET_KEY (an `UnsafeSecretError`, a ValueError: a validation error)."""

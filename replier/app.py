@@ -17,6 +17,7 @@ from starlette.routing import Route
 from isolation import db as isolation_db
 from isolation.health import HealthProbe
 from isolation.migrate import check_schema, describe
+from isolation.signals import socketio_channel
 from replier.core.config import ReplierSettings, get_settings
 from replier.edge import Edge
 from replier.keyless import KeylessListener
@@ -76,6 +77,8 @@ def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
         max_http_buffer_size=media_buffer_limit(settings),
+        redis_url=settings.redis_url,
+        redis_channel=socketio_channel(settings.redis_prefix),
     )
     store = Store(workers=1, batch_max=settings.db_batch_max)
     replier = Replier(settings, Outbox(sio, metrics), metrics, store)
@@ -88,6 +91,7 @@ def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener
         # batch on the store's workers does not delay them; the result is cached briefly.
         report = await probe.check()
         status = 200 if report.ok else 503
+        signals = replier.signals
         return JSONResponse(
             {
                 "status": report.status,
@@ -100,6 +104,14 @@ def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener
                 "db_jobs": store.jobs,
                 "db_busy_seconds": round(store.busy_seconds, 3),
                 "db_cpu_seconds": round(store.cpu_seconds, 3),
+                # With REDIS_URL: whether change signals are heard now, and how many were.
+                "signals": None
+                if signals is None
+                else {
+                    "subscribed": signals.subscribed.is_set(),
+                    "received": signals.received,
+                    "dropped": signals.dropped,
+                },
             },
             status_code=status,
         )

@@ -188,9 +188,30 @@ class Gate(Stage):
         self._key_cache[digest] = (now + ttl, principal)
         return principal
 
-    async def check_revocations(self) -> int:
-        """Close connections whose key was revoked, deleted or has expired; returns how many."""
+    def forget_cached(self, tenant_id: str, *, key_id: str | None = None, agent_id: str | None = None) -> int:
+        """Drop cached lookups of the tenant's keys (only `key_id`'s, or only `agent_id`'s, when given),
+        so the next connect with them reads the database; returns how many."""
+        stale = [
+            digest
+            for digest, (_, principal) in self._key_cache.items()
+            if principal is not None
+            and principal.tenant_id == tenant_id
+            and (key_id is None or principal.key_id == key_id)
+            and (agent_id is None or principal.agent_id == agent_id)
+        ]
+        for digest in stale:
+            del self._key_cache[digest]
+        return len(stale)
+
+    async def check_revocations(self, tenant_id: str | None = None) -> int:
+        """Close connections whose key was revoked, deleted or has expired; returns how many.
+
+        `tenant_id`: only that tenant's connections (a change signal named it, `replier.signals`);
+        None: every open connection (the periodic check).
+        """
         by_tenant = self.connections.keys_by_tenant()
+        if tenant_id is not None:
+            by_tenant = {tenant_id: by_tenant[tenant_id]} if tenant_id in by_tenant else {}
         if not by_tenant:
             return 0
         statuses = await self.store.run(db_jobs.key_statuses, by_tenant)

@@ -18,6 +18,7 @@ import gc
 import logging
 from collections.abc import Awaitable, Callable
 
+from isolation.signals import Signal
 from replier.answer import Answerer
 from replier.connections import ConnectionRegistry
 from replier.core.config import ReplierSettings
@@ -27,6 +28,7 @@ from replier.inbound import Intake
 from replier.llm import ProviderRegistry
 from replier.metrics import Metrics
 from replier.outbox import Outbox
+from replier.signals import SignalListener
 from replier.stage import Shared
 from replier.store import Store, StoreClosed
 from replier.streams import Streams
@@ -52,6 +54,11 @@ class Replier:
         self._hurry = asyncio.Event()
         self._frozen_at = 0
         self._frozen_peak = 0  # the connection count of the freezes since the last unfreeze
+        self.signals: SignalListener | None = None
+        if settings.redis_url:
+            self.signals = SignalListener(
+                settings.redis_url, settings.redis_prefix, self.on_signal, self.gate.check_revocations
+            )
         outbox.listen(connect=self.gate.on_connect, disconnect=self.gate.on_disconnect, message=self.intake.on_message)
 
     @property
@@ -81,6 +88,19 @@ class Replier:
             ),
             asyncio.create_task(self.gc_freeze_loop(), name="replier-gc"),
         ]
+        if self.signals is not None:
+            self.tasks.append(asyncio.create_task(self.signals.run(), name="replier-signals"))
+
+    async def on_signal(self, signal: Signal) -> int:
+        """A key, agent or tenant changed (another process said so): act on it now, for that tenant only.
+
+        Returns how many connections were closed. The database decides, as in the periodic check:
+        the signal only says whose state to re-read.
+        """
+        self.gate.forget_cached(signal.tenant_id, key_id=signal.key_id, agent_id=signal.agent_id)
+        if signal.kind != "key":
+            self.answerer.cache.forget_agent(signal.tenant_id, signal.agent_id)
+        return await self.gate.check_revocations(signal.tenant_id)
 
     def hurry(self) -> None:
         """A second stop signal: the drain waits at most `SHUTDOWN_FORCE_SECONDS` more (the store

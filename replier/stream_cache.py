@@ -79,6 +79,17 @@ class StreamCache:
         )
         return Plan(request, now, history, memories)
 
+    def forget_agent(self, tenant_id: str, agent_id: str | None = None) -> None:
+        """An agent (None: every agent of the tenant) changed elsewhere: read its settings, and its
+        streams' history and memories, from the database at its next message."""
+
+        def mine(key: tuple) -> bool:
+            return key[0] == tenant_id and (agent_id is None or key[1] == agent_id)
+
+        for cache in (self._agents, self._history, self._memories, self._known_streams):
+            for key in [k for k in cache if mine(k)]:
+                del cache[key]
+
     def forget_stream(self, key: StreamKey) -> None:
         """The stream may have been deleted (history cleanup): the next job creates it again."""
         self._known_streams.pop(key, None)

@@ -27,6 +27,7 @@ from configurator.core.security import ACCESS, TokenError, TokenService
 from isolation import IsolationContext, NotFound, Scoped
 from isolation.context import is_id
 from isolation.db import unit_of_work
+from isolation.signals import Publisher
 
 ANY_ROLE: tuple[str, ...] = ("owner", "admin", "member")
 ADMIN: tuple[str, ...] = ("owner", "admin")
@@ -109,8 +110,14 @@ async def get_tokens(request: Request) -> TokenService:
     return request.app.state.tokens
 
 
+async def get_signals(request: Request) -> Publisher:
+    return request.app.state.signals
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TokensDep = Annotated[TokenService, Depends(get_tokens)]
+# Change signals to the repliers (isolation/signals.py): published after the change is committed.
+SignalsDep = Annotated[Publisher, Depends(get_signals)]
 
 
 async def current_principal(

@@ -74,8 +74,8 @@ class NonBlockingEngineServer(engineio.AsyncServer):
             socket.queue.put_nowait(None)  # ends a websocket's writer and a pending poll after the CLOSE
 
 
-class InlineManager(socketio.AsyncManager):
-    """python-socketio's in-memory client manager, sending to a lone recipient without a task.
+class InlineSend:
+    """A client manager's `emit`, sending to a lone recipient connected to this process without a task.
 
     Upstream's `AsyncManager.emit` (5.18.1) creates a task per recipient and waits for them: 12 us per
     `emit(..., to=sid)` against 1.7 us for the same send inline (measured in-process), about 10% of the
@@ -96,6 +96,21 @@ class InlineManager(socketio.AsyncManager):
                     await self.server.eio.send(recipients[0][1], encoded)
                     return
         await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs)
+
+
+class InlineManager(InlineSend, socketio.AsyncManager):
+    """python-socketio's in-memory client manager with the inline send: one process (no REDIS_URL)."""
+
+
+class RedisManager(InlineSend, socketio.AsyncRedisManager):
+    """python-socketio's Redis manager (REDIS_URL) with the inline send.
+
+    Every replier's Socket.IO sids are its own (a client's session lives on the instance the balancer
+    pinned it to), and the outbox sends to one sid at a time: a sid connected here is sent to inline,
+    without the round trip through Redis that upstream's `AsyncPubSubManager.emit` makes for every
+    emit. An emit to a sid or room this process does not hold, and every disconnect of a sid held
+    elsewhere, goes through Redis to the other instances, as upstream does.
+    """
 
 
 class GuardedServer(socketio.AsyncServer):
@@ -219,12 +234,20 @@ def build_server(
     ping_interval: float,
     ping_timeout: float,
     max_http_buffer_size: int,
+    redis_url: str = "",
+    redis_channel: str = "socketio",
 ) -> GuardedServer:
-    """The replier's Socket.IO server (ASGI mode, orjson packets)."""
+    """The replier's Socket.IO server (ASGI mode, orjson packets); with `redis_url`, its client
+    manager is python-socketio's Redis manager on `redis_channel` (several repliers, one deployment)."""
+    manager = (
+        RedisManager(redis_url, channel=redis_channel, logger=_library_logger("socketio.server"))
+        if redis_url
+        else InlineManager()
+    )
     return GuardedServer(
         guard=guard,
         malformed=malformed,
-        client_manager=InlineManager(),
+        client_manager=manager,
         async_mode="asgi",
         async_handlers=False,  # handlers only parse and enqueue; order per connection is kept
         ping_interval=ping_interval,

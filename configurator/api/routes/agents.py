@@ -17,7 +17,7 @@ import orjson
 from fastapi import APIRouter, Depends
 from pydantic import ValidationError
 
-from configurator.api.deps import ADMIN, AgentId, CurrentPrincipal, PageDep, SettingsDep
+from configurator.api.deps import ADMIN, AgentId, CurrentPrincipal, PageDep, SettingsDep, SignalsDep
 from configurator.core.errors import ApiError, responses
 from configurator.core.responses import FastJSONResponse
 from configurator.core.sizes import check_json_sizes
@@ -26,6 +26,7 @@ from isolation import NotFound, system
 from isolation.agent_config import AgentConfig, LlmSettings, Persona
 from isolation.crypto import encrypt_secret
 from isolation.egress import EgressSettings, check_agent_llm, get_egress_settings
+from isolation.signals import Signal
 
 router = APIRouter(prefix="/agents", tags=["agents"])
 
@@ -123,7 +124,12 @@ def get_agent(principal: CurrentPrincipal, agent_id: AgentId) -> dict:
 
 @router.patch("/{agent_id}", response_model=AgentOut, responses=responses(401, 403, 404, 409, 413, 422))
 def update_agent(
-    principal: CurrentPrincipal, agent_id: AgentId, body: AgentUpdate, egress: EgressDep, settings: SettingsDep
+    principal: CurrentPrincipal,
+    agent_id: AgentId,
+    body: AgentUpdate,
+    egress: EgressDep,
+    settings: SettingsDep,
+    signals: SignalsDep,
 ) -> dict:
     with principal.session(ADMIN, write=True) as session:
         agents = session.scoped.agents
@@ -149,11 +155,15 @@ def update_agent(
         check_json_sizes(settings.max_settings_bytes, **sections)
         row = agents.update(agent_id, **fields) if fields else current
         has_api_key = agents.encrypted_api_key(agent_id) is not None
+    if fields:
+        signals.publish(Signal("agent", principal.tenant_id, agent_id=agent_id))
     return agent_out(row, has_api_key)
 
 
 @router.delete("/{agent_id}", response_model=DeletedCounts, responses=responses(401, 403, 404))
-def delete_agent(principal: CurrentPrincipal, agent_id: AgentId) -> DeletedCounts:
+def delete_agent(principal: CurrentPrincipal, agent_id: AgentId, signals: SignalsDep) -> DeletedCounts:
     """Delete the agent with its API keys, chat streams, messages, memories and LLM usage."""
     with principal.session(ADMIN, write=True) as session:
-        return DeletedCounts(deleted=session.scoped.agents.delete(agent_id))
+        deleted = DeletedCounts(deleted=session.scoped.agents.delete(agent_id))
+    signals.publish(Signal("agent", principal.tenant_id, agent_id=agent_id))
+    return deleted

@@ -10,9 +10,10 @@ from datetime import UTC, datetime
 
 from fastapi import APIRouter, Response
 
-from configurator.api.deps import ADMIN, AgentId, CurrentPrincipal, KeyId, PageDep
+from configurator.api.deps import ADMIN, AgentId, CurrentPrincipal, KeyId, PageDep, SignalsDep
 from configurator.core.errors import ApiError, responses
 from configurator.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, Page
+from isolation.signals import Signal
 
 router = APIRouter(tags=["api keys"])
 
@@ -49,14 +50,18 @@ def list_api_keys(principal: CurrentPrincipal, agent_id: AgentId, page: PageDep)
 
 
 @router.post("/api-keys/{key_id}/revoke", response_model=ApiKeyOut, responses=responses(401, 403, 404))
-def revoke_api_key(principal: CurrentPrincipal, key_id: KeyId) -> dict:
-    """Revoke a key (idempotent). The replier refuses it within seconds."""
+def revoke_api_key(principal: CurrentPrincipal, key_id: KeyId, signals: SignalsDep) -> dict:
+    """Revoke a key (idempotent). Every replier closes its connections at once (with REDIS_URL), or
+    within its periodic check."""
     with principal.session(ADMIN, write=True) as session:
-        return session.scoped.api_keys.revoke(key_id)
+        row = session.scoped.api_keys.revoke(key_id)
+    signals.publish(Signal("key", principal.tenant_id, key_id=key_id))
+    return row
 
 
 @router.delete("/api-keys/{key_id}", status_code=204, response_class=Response, responses=responses(401, 403, 404))
-def delete_api_key(principal: CurrentPrincipal, key_id: KeyId) -> Response:
+def delete_api_key(principal: CurrentPrincipal, key_id: KeyId, signals: SignalsDep) -> Response:
     with principal.session(ADMIN, write=True) as session:
         session.scoped.api_keys.delete(key_id)
+    signals.publish(Signal("key", principal.tenant_id, key_id=key_id))
     return Response(status_code=204)
