@@ -28,7 +28,7 @@ from configurator.core.db import close_database, init_database
 from configurator.core.errors import install_error_handlers
 from configurator.core.headers import SecurityHeadersMiddleware
 from configurator.core.passwords import common_passwords
-from configurator.core.ratelimit import SlidingWindowLimiter
+from configurator.core.redis_limits import limiter, redis_client
 from configurator.core.security import PasswordHasher, TokenService
 from isolation.db import parse_database_url
 from isolation.health import HealthProbe
@@ -85,10 +85,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tokens = TokenService(settings)
     app.state.hasher = PasswordHasher(settings)
     window = settings.login_rate_window_seconds
-    app.state.login_limiter = SlidingWindowLimiter(settings.login_rate_limit, window)  # per account
-    app.state.login_address_limiter = SlidingWindowLimiter(settings.login_address_rate_limit, window)
-    app.state.register_limiter = SlidingWindowLimiter(
-        settings.register_rate_limit, settings.register_rate_window_seconds
+    # Counted in Redis with REDIS_URL (one limit for every worker and host), else in this process.
+    shared = redis_client(settings.redis_url)
+    prefix = settings.redis_prefix
+    app.state.limits_redis = shared
+    app.state.login_limiter = limiter(shared, prefix, "login", settings.login_rate_limit, window)  # per account
+    app.state.login_address_limiter = limiter(
+        shared, prefix, "login-address", settings.login_address_rate_limit, window
+    )
+    app.state.register_limiter = limiter(
+        shared, prefix, "register", settings.register_rate_limit, settings.register_rate_window_seconds
     )
     app.state.database_kind = parse_database_url(settings.database_url).dialect
     app.state.health = HealthProbe.from_settings(settings)

@@ -4,9 +4,10 @@ The routes use three of them (configurator/api/routes/auth.py): failed logins pe
 logins per client address, and registrations per client address. Keys are any hashable value.
 
 The state is "safe to lose": a restart or another configurator process starts counting
-afresh, which only makes the limit looser, never lets anyone in. With several processes behind a load
-balancer the effective limit is per process; a shared store (e.g. Redis) can replace this class
-without touching the routes.
+afresh, which only makes the limit looser, never lets anyone in. This is the limiter without
+REDIS_URL: with several processes behind a load balancer the effective limit is then per process.
+With REDIS_URL the routes get `configurator.core.redis_limits.RedisSlidingWindowLimiter` (same
+interface, `Limiter`), counted in Redis for every worker and host, and this class as its fallback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
+from typing import Protocol
+
+
+class Limiter(Protocol):
+    """What the routes use of a limiter (in this process, or in Redis)."""
+
+    def retry_after(self, key: Hashable) -> int | None: ...
+    def acquire(self, key: Hashable) -> int | None: ...
+    def hit(self, key: Hashable) -> None: ...
+    def reset(self, key: Hashable) -> None: ...
 
 
 class SlidingWindowLimiter:

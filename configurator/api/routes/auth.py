@@ -21,7 +21,7 @@ from configurator.core.config import Settings
 from configurator.core.db import connection
 from configurator.core.errors import ApiError, forbidden, responses, unauthorized
 from configurator.core.passwords import password_problem
-from configurator.core.ratelimit import SlidingWindowLimiter
+from configurator.core.ratelimit import Limiter
 from configurator.core.security import ACCESS, REFRESH, PasswordHasher, TokenError, TokenService, new_session_id
 from configurator.schemas import (
     AuthResponse,
@@ -121,8 +121,8 @@ async def login(body: LoginRequest, request: Request, tokens: TokensDep, hasher:
     """Sign in with username or email. Repeated failures for one account (by either name) or from one
     address get 429 with Retry-After; during it even the right password is refused."""
     state = request.app.state
-    address_limiter: SlidingWindowLimiter = state.login_address_limiter
-    account_limiter: SlidingWindowLimiter = state.login_limiter
+    address_limiter: Limiter = state.login_address_limiter
+    account_limiter: Limiter = state.login_limiter
     address = client_address(request)
     wait = address_limiter.retry_after(address)
     if wait is not None:
