@@ -1,6 +1,7 @@
 """Developer operations (invoke). Test environments live in noxfile.py.
 
 invoke start-servers [--detach] [--database-url URL] [--configurator-port 8000] [--replier-port 8095]
+invoke start-cluster --replicas N [--detach] [--database-url URL] [--redis-url URL]  (README "Scaling out")
 invoke status | stop-servers | db-upgrade | cleanup --prefix RUN_ID [--force] | cleanup --tenant T
 invoke integration [--users 3 --agents 2 --messages 5] | load
 """
@@ -164,9 +165,109 @@ def start_servers(
         stop_processes(list(processes.values()), signal.SIGINT, timeout=15)
 
 
-@task(help={"run-dir": "the folder `start-servers --detach` wrote to (default ./run)"})
+@task(
+    help={
+        "replicas": "repliers behind the balancer, and configurator workers unless --workers (default 2)",
+        "workers": "configurator uvicorn workers (default: --replicas)",
+        "database-url": "defaults to DATABASE_URL or sqlite:///data/maitenant.db (use PostgreSQL for a cluster)",
+        "redis-url": "defaults to REDIS_URL or redis://127.0.0.1:6379/0",
+        "configurator-port": "public port of the configurator on the balancer (default 8000)",
+        "replier-port": "public port of the repliers on the balancer (Socket.IO path /ws, default 8095)",
+        "host": "interface the balancer binds (default 127.0.0.1); the backends always listen on loopback",
+        "detach": "return once everything is healthy; pid files, logs and haproxy.cfg go to --run-dir",
+        "run-dir": "where the rendered haproxy.cfg, logs and (with --detach) pid files go (default ./run)",
+        "timeout": "seconds to wait for every /health",
+        "upgrade": "run db-upgrade first (default); --no-upgrade when migrations run separately as the owner",
+    }
+)
+def start_cluster(
+    c: Context,
+    replicas: int = 2,
+    workers: int = 0,
+    database_url: str | None = None,
+    redis_url: str | None = None,
+    configurator_port: int = 8000,
+    replier_port: int = 8095,
+    host: str = "127.0.0.1",
+    detach: bool = False,
+    run_dir: str | None = None,
+    timeout: float = 60.0,
+    upgrade: bool = True,
+) -> None:
+    """N repliers and an N-worker configurator behind HAProxy, sharing Redis and the database."""
+    from testsupport.cluster import Cluster, ClusterError, check_requirements
+
+    if replicas < 1:
+        raise Exit("error: --replicas must be at least 1", code=1)
+    url = _database_url(database_url)
+    redis = redis_url or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    try:
+        check_requirements(redis)
+    except ClusterError as exc:
+        raise Exit(f"error: {exc}", code=1) from None
+    if url.startswith("sqlite"):
+        print("warning: a cluster on SQLite works on one host only; use PostgreSQL (--database-url) to scale out")
+    if upgrade:
+        try:
+            db_upgrade(c, database_url=url)
+        except Exception as exc:
+            raise Exit(f"error: db-upgrade failed: {exc}", code=1) from None
+    folder = Path(run_dir) if run_dir else DEFAULT_RUN_DIR
+    cluster = Cluster(
+        database_url=url,
+        redis_url=redis,
+        run_dir=folder,
+        replicas=replicas,
+        configurator_workers=workers or None,
+        host=host,
+        replier_port=replier_port,
+        configurator_port=configurator_port,
+        redis_prefix=os.environ.get("REDIS_PREFIX", "maitenant"),
+        new_session=True,
+    )
+    started = time.monotonic()
+    try:
+        cluster.start(timeout)
+    except ClusterError as exc:
+        raise Exit(f"error: {exc}", code=1) from None
+    except ServerNotReady as exc:
+        raise Exit(f"error: {str(exc).splitlines()[0]} (logs in {folder})", code=1) from None
+    print(f"configurator  {cluster.configurator_url}  ({cluster.workers} workers behind HAProxy)")
+    print(f"replier       {cluster.replier_url}  ({replicas} repliers behind HAProxy: {', '.join(cluster.names)})")
+    print(f"balancer      {cluster.haproxy_cfg}")
+    print(f"ready in {time.monotonic() - started:.1f} s")
+    if detach:
+        state = {
+            "balancer": {"pid": cluster.balancer.process.pid, "url": cluster.replier_http, "log": "haproxy.log"},
+            "configurator": {"pid": cluster.configurator.process.pid, "url": cluster.configurator_url},
+            **{
+                f"replier-{name}": {"pid": server.process.pid, "url": cluster.instance_http(i)}
+                for i, (name, server) in enumerate(zip(cluster.names, cluster.repliers, strict=True))
+            },
+        }
+        _state_file(folder).write_text(json.dumps(state, indent=2))
+        print(f"detached; logs in {folder}. Stop with `invoke stop-servers`.")
+        return
+    print("press Ctrl-C to stop everything")
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        while len(cluster.processes()) == replicas + 2:
+            time.sleep(0.5)
+        print("a process of the cluster stopped; stopping the rest", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nstopping…")
+    finally:
+        cluster.stop()
+
+
+@task(help={"run-dir": "the folder `start-servers --detach` or `start-cluster --detach` wrote to (default ./run)"})
 def stop_servers(c: Context, run_dir: str | None = None) -> None:
-    """Stop servers started with `start-servers --detach` (graceful, then forced after 15 s)."""
+    """Stop servers started with `start-servers --detach` or `start-cluster --detach` (graceful, then
+    forced after 15 s); a cluster's balancer goes first."""
     folder = Path(run_dir) if run_dir else DEFAULT_RUN_DIR
     state = _read_state(folder)
     if not state:
@@ -174,7 +275,8 @@ def stop_servers(c: Context, run_dir: str | None = None) -> None:
         return
     for name, info in state.items():
         pid = int(info["pid"])
-        print(f"{name}: {stop_pid(pid, signal.SIGINT, timeout=15)} (pid {pid})")
+        sig = signal.SIGTERM if name == "balancer" else signal.SIGINT  # HAProxy stops at once on SIGTERM
+        print(f"{name}: {stop_pid(pid, sig, timeout=15)} (pid {pid})")
     for path in [_state_file(folder), *(folder / f"{n}.pid" for n in SERVERS)]:
         path.unlink(missing_ok=True)
 
@@ -187,12 +289,15 @@ def stop_servers(c: Context, run_dir: str | None = None) -> None:
     }
 )
 def status(c: Context, run_dir: str | None = None, configurator_url: str | None = None, replier_url: str | None = None):
-    """Health of both backends; exits non-zero when one is down."""
+    """Health of both backends (of every process of a detached cluster); exits non-zero when one is down."""
     state = _read_state(Path(run_dir) if run_dir else DEFAULT_RUN_DIR)
     urls = {
         "configurator": configurator_url or state.get("configurator", {}).get("url", "http://127.0.0.1:8000"),
         "replier": replier_url or state.get("replier", {}).get("url", "http://127.0.0.1:8095"),
     }
+    if "balancer" in state:  # a cluster: the public addresses, then each replier on its own
+        urls = {"replier (balancer)": replier_url or state["balancer"]["url"], "configurator": urls["configurator"]}
+        urls.update({name: info["url"] for name, info in state.items() if name.startswith("replier-")})
     down = []
     for name, url in urls.items():
         try:
@@ -201,7 +306,7 @@ def status(c: Context, run_dir: str | None = None, configurator_url: str | None 
             detail = response.text.strip()[:200]
         except httpx.HTTPError as exc:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
-        print(f"{name:13s} {url:28s} {'up' if ok else 'DOWN'}  {detail}")
+        print(f"{name:18s} {url:28s} {'up' if ok else 'DOWN'}  {detail}")
         if not ok:
             down.append(name)
     if down:

@@ -79,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         close_database()
     # uvicorn re-raises Ctrl-C after its graceful shutdown, which is already complete by then.
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(create_app(settings), **uvicorn_options(settings))
+        if settings.workers > 1:
+            # Worker processes import the app themselves (an import string, `create_app()` reading
+            # the same environment): each runs the lifespan, so each opens and checks its database.
+            uvicorn.run(
+                "configurator.main:create_app", factory=True, workers=settings.workers, **uvicorn_options(settings)
+            )
+        else:
+            uvicorn.run(create_app(settings), **uvicorn_options(settings))
     return 0
 
 

@@ -79,6 +79,7 @@ def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener
         max_http_buffer_size=media_buffer_limit(settings),
         redis_url=settings.redis_url,
         redis_channel=socketio_channel(settings.redis_prefix),
+        instance_name=settings.instance_name,
     )
     store = Store(workers=1, batch_max=settings.db_batch_max)
     replier = Replier(settings, Outbox(sio, metrics), metrics, store)
@@ -98,6 +99,7 @@ def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener
                 "checks": report.checks,
                 "database": report.checks.get("database", "error"),
                 "connections": len(replier.connections),
+                "instance": settings.instance_name or None,
                 "unauthenticated": guard.unauthenticated,
                 "accepting": replier.accepting,
                 "db_batches": store.batches,
@@ -130,7 +132,8 @@ def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener
         store.start(asyncio.get_running_loop())
         replier.start()
         log.info(
-            "replier ready on ws://%s:%s/%s (database %s, schema v%d, %d db worker(s), max %d connections)",
+            "replier %sready on ws://%s:%s/%s (database %s, schema v%d, %d db worker(s), max %d connections)",
+            f"{settings.instance_name} " if settings.instance_name else "",
             settings.host,
             settings.port,
             SOCKETIO_PATH,

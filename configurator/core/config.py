@@ -77,6 +77,9 @@ class Settings(BaseServiceSettings):
     password_hash_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1, le=256)
 
     log_level: str = "info"
+    # uvicorn worker processes of `python -m configurator` (README "Scaling out"); each opens its own
+    # database pool. With more than one, set REDIS_URL so the login limits are one limit, not one each.
+    workers: int = Field(default=1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _resolve_signing_secret(self) -> Settings:

@@ -25,6 +25,10 @@ class ReplierSettings(EgressSettings):
     log_level: str = "info"
     ws_impl: str = Field(default="websockets-sansio", description="uvicorn websocket implementation")
 
+    # Several repliers behind a balancer (README "Scaling out"): this one's name, unique in the
+    # deployment. Its Engine.IO session ids start with it, which the balancer routes by.
+    instance_name: str = Field(default="", pattern=r"^([a-z0-9][a-z0-9-]{0,30})?$")
+
     # Connections
     max_connections: int = Field(default=10_000, ge=1)
     key_cache_seconds: float = Field(default=2.0, ge=0)

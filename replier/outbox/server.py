@@ -42,6 +42,19 @@ _BINARY = (sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK)
 
 
 class NonBlockingEngineServer(engineio.AsyncServer):
+    sid_prefix = ""  # INSTANCE_NAME + ".": the balancer routes a session's requests by it (deploy/)
+
+    def generate_id(self) -> str:
+        """Upstream's random session id, after this replier's name when it has one.
+
+        Behind a balancer every request of an Engine.IO session (polls, the websocket upgrade) must
+        reach the replier that holds it. Clients send the id in every request's `sid` query
+        parameter, so the balancer can route on its prefix (deploy/haproxy.cfg.template): sticky
+        without cookies (aiohttp, under maim_message, keeps none for IP addresses) and without
+        pinning every client of one address (a NAT, or an adapter host) to one replier.
+        """
+        return self.sid_prefix + super().generate_id()
+
     def start_background_task(self, target, *args, **kwargs):
         """Upstream's, remembering a session's ping task on the session (see `cancel_ping`)."""
         task = super().start_background_task(target, *args, **kwargs)
@@ -236,6 +249,7 @@ def build_server(
     max_http_buffer_size: int,
     redis_url: str = "",
     redis_channel: str = "socketio",
+    instance_name: str = "",
 ) -> GuardedServer:
     """The replier's Socket.IO server (ASGI mode, orjson packets); with `redis_url`, its client
     manager is python-socketio's Redis manager on `redis_channel` (several repliers, one deployment)."""
@@ -244,7 +258,7 @@ def build_server(
         if redis_url
         else InlineManager()
     )
-    return GuardedServer(
+    server = GuardedServer(
         guard=guard,
         malformed=malformed,
         client_manager=manager,
@@ -258,6 +272,9 @@ def build_server(
         serializer=JsonPacket,
         json=OrjsonModule,
     )
+    if instance_name:
+        server.eio.sid_prefix = instance_name + "."
+    return server
 
 
 def mount(sio: socketio.AsyncServer, other_app, path: str):
