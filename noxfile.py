@@ -115,6 +115,17 @@ def integration(session: nox.Session, database: str) -> None:
 
 
 @nox.session(tags=["ci"])
+def cluster(session: nox.Session) -> None:
+    """Scale-out: PostgreSQL + Redis + HAProxy + 2 repliers + a 2-worker configurator (cluster_tests/).
+
+    The same processes and balancer config as `invoke start-cluster`; it needs `haproxy` and Redis at
+    MAITENANT_TEST_REDIS_URL (.ci/run installs and starts both). Skipped locally without them, failed
+    with CI=true, like the PostgreSQL legs.
+    """
+    _pytest(session, "postgresql", "cluster_tests", name="cluster")
+
+
+@nox.session(tags=["ci"])
 def coverage(session: nox.Session) -> None:
     """Combine every stage's data (subprocess servers included) and enforce the gate."""
     session.install("coverage[toml]>=7.10")
