@@ -82,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         if settings.workers > 1:
             # Worker processes import the app themselves (an import string, `create_app()` reading
             # the same environment): each runs the lifespan, so each opens and checks its database.
+            # A worker that does not answer the supervisor's ping in time is killed and replaced: 30 s,
+            # not uvicorn's 5, because a busy host can take longer than 5 s to import a new worker.
             uvicorn.run(
-                "configurator.main:create_app", factory=True, workers=settings.workers, **uvicorn_options(settings)
+                "configurator.main:create_app",
+                factory=True,
+                workers=settings.workers,
+                timeout_worker_healthcheck=30,
+                **uvicorn_options(settings),
             )
         else:
             uvicorn.run(create_app(settings), **uvicorn_options(settings))
