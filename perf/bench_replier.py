@@ -3,6 +3,7 @@
     python -m perf.bench_replier                 # default: a few minutes
     python -m perf.bench_replier --hold 3000     # also: 3,000 open connections, 50 of them chatting
     python -m perf.bench_replier --db sqlite --messages 200
+    python -m perf.bench_replier --db postgresql --replicas 2   # also 1 and 2 repliers behind HAProxy
 
 Servers (each its own process): maim_message's reference `WebSocketServer` echo (logs at WARNING),
 a bare python-socketio echo, and the replier's full pipeline (auth, validation, isolation context,
@@ -188,6 +189,31 @@ def print_table(results: list[Result], reference: dict[int, float]) -> None:
         )
 
 
+def cluster_scenario(scenario, prov, keys: list[str], replicas: int, env: dict) -> list[Result]:
+    """The same load through HAProxy to `replicas` repliers (testsupport.cluster, as `invoke start-cluster`)."""
+    from testsupport.cluster import Cluster
+    from testsupport.redis_server import TEST_REDIS_URL
+
+    backend_env = {k: env[k] for k in ("LOG_LEVEL", "LLM_PROVIDER", "MAX_CONNECTIONS", "MAX_UNAUTHENTICATED")}
+    backend_env["MAX_CONNECTIONS_PER_ADDRESS"] = env["MAX_CONNECTIONS_PER_ADDRESS"]
+    if prov.app_role:
+        backend_env["DATABASE_APP_ROLE"] = prov.app_role
+    run_dir = tempfile.mkdtemp(prefix="maitenant-bench-cluster-")
+    cluster = Cluster(
+        database_url=prov.url,
+        redis_url=os.environ.get("REDIS_URL", TEST_REDIS_URL),
+        run_dir=run_dir,
+        replicas=replicas,
+        configurator_workers=1,
+        redis_prefix=f"bench-{os.getpid()}-{replicas}",
+        env=backend_env,
+    ).start()
+    try:
+        return scenario(f"replier x{replicas} behind HAProxy (postgresql)", cluster.replier_http, keys, "maim", True)
+    finally:
+        cluster.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", default="sqlite,postgresql", help="replier databases to measure")
@@ -199,6 +225,12 @@ def main() -> None:
     parser.add_argument("--hold", type=int, default=0, help="also hold this many connections (e.g. 3000)")
     parser.add_argument("--hold-chatting", type=int, default=50)
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="also on PostgreSQL: 1 and N repliers behind HAProxy (invoke start-cluster's setup; needs haproxy, Redis)",
+    )
     args = parser.parse_args()
 
     from testsupport.databases import provision_database
@@ -260,6 +292,12 @@ def main() -> None:
                 process(replier_cmd, env=env, log_name=f"replier-{kind}", ready_url=f"{url}/health")
             )
             results += scenario(f"replier full pipeline ({kind})", url, keys, "maim", True)
+            if args.replicas and kind == "postgresql":
+                stack.close()  # the lone replier is done: its cores go to the clusters
+                prov = stack.enter_context(provision_database(kind))
+                keys = make_keys(prov.url, prov.app_role, args.clients)
+                for replicas in sorted({1, args.replicas}):
+                    results += cluster_scenario(scenario, prov, keys, replicas, env)
             if args.hold:
                 r = run_load(
                     f"replier {args.hold} conns ({kind})", url, keys, clients=args.hold_chatting,
