@@ -66,10 +66,15 @@ class KeyUsage:
         self._counts[(tenant_id, key_id)] += 1
 
     async def flush(self) -> None:
+        """Write the counts; when that fails (an outage), they are kept for the next flush."""
         if not self._counts:
             return
         counts, self._counts = dict(self._counts), Counter()
-        await self._store.run(db_jobs.record_key_use, counts)
+        try:
+            await self._store.run(db_jobs.record_key_use, counts)
+        except Exception:
+            self._counts.update(counts)
+            raise
 
 
 def _credentials(environ: dict) -> tuple[str, str, str | None]:

@@ -432,6 +432,30 @@ def test_background_loops_log_failures_and_end_when_the_store_closes(configured_
     assert revocation.exception() is None and usage.exception() is None
 
 
+def test_key_use_that_cannot_be_written_is_kept_for_the_next_flush(configured_db):
+    from isolation import IsolationContext, Scoped
+    from replier.store import StoreClosed
+
+    ta = make_tenant()
+
+    async def scenario():
+        async with _replier() as replier:
+            usage = replier.gate.usage
+            usage.count(ta.tenant_id, ta.key_id)
+            usage.count(ta.tenant_id, ta.key_id)
+            stopped, replier.store._closed = replier.store._closed, True  # the store refuses work
+            try:
+                with pytest.raises(StoreClosed):
+                    await usage.flush()
+            finally:
+                replier.store._closed = stopped
+            await usage.flush()  # the two uses were kept and are written now
+
+    asyncio.run(scenario())
+    keys = Scoped(IsolationContext(ta.tenant_id)).api_keys.list(ta.agent_id)
+    assert next(k for k in keys if k["id"] == ta.key_id)["usage_count"] == 2
+
+
 def test_gc_freezing_follows_the_connection_count(configured_db):
     ta = make_tenant()
 
