@@ -22,6 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "replier"))  # replier_support, fake_openai
 
+from fake_openai import FakeOpenAI  # noqa: E402
+
 from isolation import db as isolation_db  # noqa: E402
 from testsupport.cluster import Cluster, ClusterError, check_requirements  # noqa: E402
 from testsupport.databases import ProvisionedDatabase, leg_database  # noqa: E402
@@ -65,6 +67,11 @@ def cluster(provisioned, configured_db) -> Iterator[Cluster]:
         "PASSWORD_HASH_MEMORY_KIB": "8192",
         "SHUTDOWN_GRACE_SECONDS": "3",
         "LLM_PROVIDER": "",
+        # The fake LLM (tests/replier/fake_openai.py) is on loopback, which agents may reach only so.
+        "LLM_ALLOWED_HOSTS": "127.0.0.1",
+        "LLM_MAX_RETRIES": "0",
+        "LLM_MEMORY_EXTRACTION": "false",  # one model call per message (the order test counts them)
+        "LLM_TIMEOUT_SECONDS": "10",
     }
     cluster = Cluster(
         database_url=provisioned.url,
@@ -78,6 +85,13 @@ def cluster(provisioned, configured_db) -> Iterator[Cluster]:
     yield cluster
     cluster.stop()
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fake_llm() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)

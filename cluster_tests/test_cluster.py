@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -246,6 +247,49 @@ def test_invoke_start_cluster_says_what_to_install(tmp_path):
     assert "haproxy is not installed: apt-get install -y haproxy" in result.stderr
     no_redis = _invoke("start-cluster", "--run-dir", str(tmp_path / "run"), "--redis-url", "redis://127.0.0.1:1/0")
     assert no_redis.returncode == 1 and "apt-get install -y redis-server" in no_redis.stderr
+
+
+def test_one_stream_through_two_repliers_is_answered_in_order(cluster, fake_llm):
+    """Two adapters of one agent on different repliers speak in one group at once; the model takes
+    0.3 s per answer. Each message is answered after the one before it (rows in, out, in, out …),
+    and each answer saw the exchange before it, whichever replier stored it."""
+    tenant = Tenant(cluster)
+    llm = {"provider": "openai", "base_url": fake_llm.base_url, "model": "fake-sleep-0.3", "api_key": "sk-fake-key"}
+    response = tenant.http.patch(f"/agents/{tenant.agent_id}", json={"llm": llm})
+    assert response.status_code == 200, response.text
+
+    async def scenario():
+        placed = await connect_spread(cluster, tenant.secret, 2)
+        assert sorted(where for _, where in placed) == [0, 1]
+        try:
+            for round_ in range(3):
+                for n, (client, _) in enumerate(placed):
+                    await client.send(api_message(f"r{round_} c{n}", user_id="u", group_id="order-group"))
+                    await asyncio.sleep(0.05)
+            for client, _ in placed:
+                for _ in range(3):
+                    await client.reply(timeout=30)
+            # Then strictly taking turns: each replier takes the stream over from the other.
+            for round_ in range(3, 5):
+                for n, (client, _) in enumerate(placed):
+                    await client.send(api_message(f"r{round_} c{n}", user_id="u", group_id="order-group"))
+                    await client.reply(timeout=30)
+        finally:
+            for client, _ in placed:
+                await client.stop()
+
+    run(scenario())
+    ctx = IsolationContext(tenant.tenant_id, tenant.agent_id, "qq")
+    stream = Scoped(ctx).chat_streams.stream_id_for("group", "order-group")
+    rows = Scoped(ctx.child(chat_stream_id=stream)).messages.history(100)
+    assert [m["direction"] for m in rows] == ["in", "out"] * 10
+    # Each answer's model call had the exchange stored just before it (by either replier) in its
+    # context: a replier taking a stream over from the other reads its history again.
+    texts = [re.search(r"r\d c\d", str(m)).group(0) for m in rows if m["direction"] == "in"]
+    calls = [str(r["messages"]) for r in fake_llm.requests if r.get("model") == "fake-sleep-0.3"]
+    assert len(calls) == 10
+    for before, call in zip(texts, calls[1:], strict=False):
+        assert before in call, (before, call)
 
 
 def test_kill_9_of_a_replier_under_traffic(cluster):

@@ -31,6 +31,7 @@ from replier.outbox import Outbox
 from replier.signals import SignalListener
 from replier.stage import Shared
 from replier.store import Store, StoreClosed
+from replier.stream_locks import StreamLocks
 from replier.streams import Streams
 
 log = logging.getLogger("replier")
@@ -58,6 +59,9 @@ class Replier:
         if settings.redis_url:
             self.signals = SignalListener(
                 settings.redis_url, settings.redis_prefix, self.on_signal, self.gate.check_revocations
+            )
+            self.streams.locks = StreamLocks(
+                settings.redis_url, settings.redis_prefix, settings.instance_name, settings.answer_budget_seconds
             )
         outbox.listen(connect=self.gate.on_connect, disconnect=self.gate.on_disconnect, message=self.intake.on_message)
 
@@ -157,6 +161,7 @@ class Replier:
             log.warning("%d replies abandoned at shutdown (stored messages are answered after the restart)", abandoned)
         await self.gate.usage.flush()
         await self.providers.aclose()
+        await self.streams.locks.aclose()
 
     # -- background loops -------------------------------------------------------------------
     @staticmethod

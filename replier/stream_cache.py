@@ -90,6 +90,11 @@ class StreamCache:
             for key in [k for k in cache if mine(k)]:
                 del cache[key]
 
+    def forget_context(self, key: StreamKey) -> None:
+        """Another replier answered in this stream last: read its history and memories again."""
+        self._history.pop(key, None)
+        self._memories.pop(key, None)
+
     def forget_stream(self, key: StreamKey) -> None:
         """The stream may have been deleted (history cleanup): the next job creates it again."""
         self._known_streams.pop(key, None)

@@ -21,6 +21,7 @@ from replier.faults import reply_fault
 from replier.gate import KeyUsage
 from replier.protocol import Inbound
 from replier.stage import Shared, Stage
+from replier.stream_locks import NoStreamLocks, StreamLocks
 
 log = logging.getLogger("replier")
 
@@ -38,6 +39,8 @@ class Streams(Stage):
         self.usage = usage
         self.answerer = answerer
         self.accepting = True  # False once draining: messages are refused with "shutting_down"
+        # Several repliers (REDIS_URL): one at a time answers a stream (replier/stream_locks.py).
+        self.locks: StreamLocks | NoStreamLocks = NoStreamLocks()
         self._queues: dict[StreamKey, deque[tuple[str, Inbound, float]]] = {}
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -97,7 +100,10 @@ class Streams(Stage):
             while queue:
                 sid, inbound, started = queue.popleft()
                 try:
-                    await self.answerer.process(key, sid, inbound, started)
+                    async with self.locks.hold(key) as moved:
+                        if moved:
+                            self.answerer.cache.forget_context(key)
+                        await self.answerer.process(key, sid, inbound, started)
                 except Exception as exc:
                     if await reply_fault(self.outbox, self.connections.get(sid), inbound, exc):
                         continue  # an outage: the sender was told to retry (replier/faults.py)

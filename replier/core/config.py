@@ -106,6 +106,12 @@ class ReplierSettings(EgressSettings):
         to store and send the reply, so a SIGTERM never cuts a reply that is on its way."""
         if self.shutdown_grace_seconds is not None:
             return self.shutdown_grace_seconds
+        return self.answer_budget_seconds
+
+    @property
+    def answer_budget_seconds(self) -> float:
+        """The longest one answer may take: one model call with every retry, plus a margin (also how
+        long another replier's lock on a stream lasts, `replier.stream_locks`)."""
         attempts = self.llm_max_retries + 1
         backoff = self.llm_retry_backoff_seconds * (2**self.llm_max_retries - 1)
         return self.llm_timeout_seconds * attempts + backoff + SHUTDOWN_MARGIN_SECONDS
