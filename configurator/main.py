@@ -30,6 +30,7 @@ from configurator.core.headers import SecurityHeadersMiddleware
 from configurator.core.passwords import common_passwords
 from configurator.core.redis_limits import limiter, redis_client
 from configurator.core.security import PasswordHasher, TokenService
+from configurator.core.tenant_limits import RestLimits
 from isolation.db import parse_database_url
 from isolation.health import HealthProbe
 from isolation.signals import publisher
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.register_limiter = limiter(
         shared, prefix, "register", settings.register_rate_limit, settings.register_rate_window_seconds
     )
+    app.state.rest_limits = RestLimits(settings)  # per-tenant requests and suspension
     app.state.database_kind = parse_database_url(settings.database_url).dialect
     app.state.health = HealthProbe.from_settings(settings)
     app.state.signals = publisher(settings.redis_url, settings.redis_prefix)

@@ -155,6 +155,62 @@ class TenantUpdate(RequestModel):
     settings: dict[str, Any] | None = None
 
 
+LimitValue = Annotated[int, Field(ge=0, le=2**62)]
+
+
+class LimitValues(BaseModel):
+    """A tenant's limits (0 = unlimited): chat messages per window for the tenant and for each agent,
+    open replier connections, LLM tokens per budget day, API requests per window."""
+
+    messages_per_minute: int
+    agent_messages_per_minute: int
+    connections: int
+    tokens_per_day: int
+    requests_per_minute: int
+
+
+class LimitOverrides(BaseModel):
+    """The operator's overrides; null (or absent) means the setting's default applies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages_per_minute: LimitValue | None = None
+    agent_messages_per_minute: LimitValue | None = None
+    connections: LimitValue | None = None
+    tokens_per_day: LimitValue | None = None
+    requests_per_minute: LimitValue | None = None
+
+
+class TenantUsage(BaseModel):
+    """Counts since the start of the budget day (`since`); `connections` are open right now."""
+
+    since: UtcDateTime
+    tokens: int
+    llm_calls: int
+    messages_in: int
+    messages_out: int
+    connections: int
+
+
+class TenantLimitsOut(BaseModel):
+    tenant_id: str
+    limits: LimitValues = Field(description="effective limits")
+    overrides: LimitOverrides
+    defaults: LimitValues
+    window_seconds: float = Field(description="window of the per-minute limits")
+    budget_window_seconds: float = Field(description="the budget 'day' of tokens_per_day")
+
+
+class OperatorTenant(BaseModel):
+    id: str
+    name: str
+    type: str
+    status: str
+    created_at: UtcDateTime
+    limits: LimitValues
+    overrides: LimitOverrides
+
+
 class TenantStats(BaseModel):
     agents: int
     api_keys: int
@@ -167,6 +223,8 @@ class TenantStats(BaseModel):
     llm_prompt_tokens: int
     llm_completion_tokens: int
     llm_errors: int
+    limits: LimitValues = Field(description="the tenant's effective limits (0 = unlimited)")
+    usage: TenantUsage = Field(description="today's usage against them")
 
 
 class DeletedCounts(BaseModel):

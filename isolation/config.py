@@ -59,6 +59,18 @@ class BaseServiceSettings(BaseSettings):
     # runs, can share one Redis).
     redis_prefix: str = Field(default="maitenant", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
+    # -- per-tenant limits (isolation/limits.py): the defaults of every tenant; an operator overrides
+    # them per tenant (`invoke tenant-limits`, /api/v1/operator). 0 means unlimited.
+    tenant_messages_per_minute: int = Field(default=1200, ge=0, description="chat messages per tenant and window")
+    agent_messages_per_minute: int = Field(default=600, ge=0, description="chat messages per agent and window")
+    tenant_connections: int = Field(default=1000, ge=0, description="open replier connections per tenant")
+    tenant_tokens_per_day: int = Field(default=0, ge=0, description="LLM tokens per tenant and budget day")
+    tenant_requests_per_minute: int = Field(default=600, ge=0, description="configurator requests per tenant")
+    # The window of the per-minute limits and the budget "day" (aligned to the epoch, so 86400 is the
+    # UTC day); shorter only in tests.
+    limit_window_seconds: float = Field(default=60.0, gt=0, le=86_400)
+    token_budget_window_seconds: float = Field(default=86_400.0, gt=0, le=31 * 86_400)
+
     @model_validator(mode="after")
     def _safe_for_environment(self) -> BaseServiceSettings:
         """Refuse a public or short SECRET_KEY (an `UnsafeSecretError`, a ValueError: a validation error)."""

@@ -15,9 +15,21 @@ from isolation.config import get_base_settings
 from isolation.db import make_database, parse_database_url
 from isolation.errors import SchemaVersionError
 from isolation.ids import utcnow
-from isolation.migrations import m0001_initial, m0002_agent_templates, m0003_security, m0004_delivery
+from isolation.migrations import (
+    m0001_initial,
+    m0002_agent_templates,
+    m0003_security,
+    m0004_delivery,
+    m0006_limits,
+)
 
-MIGRATIONS: tuple[ModuleType, ...] = (m0001_initial, m0002_agent_templates, m0003_security, m0004_delivery)
+MIGRATIONS: tuple[ModuleType, ...] = (
+    m0001_initial,
+    m0002_agent_templates,
+    m0003_security,
+    m0004_delivery,
+    m0006_limits,
+)
 LATEST_VERSION: int = MIGRATIONS[-1].VERSION
 # Functions of applied migrations that the application no longer calls: the role loses them at the
 # next upgrade. `mt_tenants_with_prefix` matched tenants by their (customer-chosen) names for cleanup.
@@ -78,7 +90,20 @@ def _grant_app_role(db: Database, role: str) -> None:
     run(sql.SQL("REVOKE SELECT ON accounts FROM {}").format(ident))
     columns = sql.SQL(", ").join(sql.Identifier(name) for (name,) in readable)
     run(sql.SQL("GRANT SELECT ({}) ON accounts TO {}").format(columns, ident))
-    for signature in (*m0001_initial.FUNCTION_SIGNATURES, *m0003_security.LOGIN_FUNCTION_SIGNATURES):
+    # Operators: the application role may not write `accounts.is_operator` (registration inserts and
+    # updates every other column); only the schema owner marks operators (`invoke create-operator`).
+    writable = db.execute_sql(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'public' "
+        "AND table_name = 'accounts' AND column_name <> 'is_operator' ORDER BY ordinal_position"
+    ).fetchall()
+    run(sql.SQL("REVOKE INSERT, UPDATE ON accounts FROM {}").format(ident))
+    columns = sql.SQL(", ").join(sql.Identifier(name) for (name,) in writable)
+    run(sql.SQL("GRANT INSERT ({0}), UPDATE ({0}) ON accounts TO {1}").format(columns, ident))
+    for signature in (
+        *m0001_initial.FUNCTION_SIGNATURES,
+        *m0003_security.LOGIN_FUNCTION_SIGNATURES,
+        *m0006_limits.FUNCTION_SIGNATURES,
+    ):
         if signature in RETIRED_FUNCTION_SIGNATURES:
             run(sql.SQL("REVOKE EXECUTE ON FUNCTION " + signature + " FROM {}").format(ident))
         else:

@@ -10,6 +10,7 @@ import json
 
 from peewee import (
     BigIntegerField,
+    BooleanField,
     CharField,
     CompositeKey,
     DateTimeField,
@@ -80,6 +81,9 @@ class Account(BaseModel):
     password_hash = SafeTextField()
     status = SafeCharField(default="active")
     created_at = DateTimeField()
+    # m0006. No default here on purpose: inserts leave the column to the database (FALSE), since the
+    # application role may not write it on PostgreSQL.
+    is_operator = BooleanField()
 
     class Meta:
         table_name = "accounts"
@@ -93,6 +97,13 @@ class Tenant(BaseModel):
     settings = JSONField(default=dict)
     created_at = DateTimeField()
     updated_at = DateTimeField()
+    # m0006: the operator's overrides of the limit defaults (NULL: the default; 0: unlimited).
+    limit_messages_per_minute = BigIntegerField(null=True)
+    limit_agent_messages_per_minute = BigIntegerField(null=True)
+    limit_connections = BigIntegerField(null=True)
+    limit_tokens_per_day = BigIntegerField(null=True)
+    limit_requests_per_minute = BigIntegerField(null=True)
+    limits_updated_at = DateTimeField(null=True)
 
     class Meta:
         table_name = "tenants"
@@ -252,8 +263,21 @@ class LlmUsage(TenantModel):
         primary_key = CompositeKey("tenant_id", "id")
 
 
+class ReplierPresence(TenantModel):
+    """Open replier connections of a tenant in one replier process, as that process last reported (m0006)."""
+
+    process_id = SafeCharField()
+    connections = IntegerField()
+    updated_at = DateTimeField()
+
+    class Meta:
+        table_name = "replier_presence"
+        primary_key = CompositeKey("tenant_id", "process_id")
+
+
 # Children before parents: the order cleanup deletes in.
 TENANT_MODELS: tuple[type[TenantModel], ...] = (
+    ReplierPresence,
     LlmUsage,
     Memory,
     Message,

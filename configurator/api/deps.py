@@ -24,9 +24,11 @@ from configurator.core.config import Settings
 from configurator.core.db import connection
 from configurator.core.errors import forbidden, unauthorized
 from configurator.core.security import ACCESS, TokenError, TokenService
+from configurator.core.tenant_limits import RestLimits
 from isolation import IsolationContext, NotFound, Scoped
 from isolation.context import is_id
 from isolation.db import unit_of_work
+from isolation.operators import is_operator
 from isolation.signals import Publisher
 
 ANY_ROLE: tuple[str, ...] = ("owner", "admin", "member")
@@ -76,10 +78,12 @@ class Principal:
     account_id: str
     tenant_id: str
     session_id: str
+    limits: RestLimits | None = None  # suspension and the tenant's request limit (app.state.rest_limits)
 
     @contextmanager
     def session(self, roles: tuple[str, ...] = ANY_ROLE, *, write: bool = False) -> Iterator[TenantSession]:
-        """Open the connection, check the membership and the session (401 when gone or logged out)
+        """Open the connection, check the membership and the session (401 when gone or logged out),
+        the tenant (403 `tenant_suspended`, 429 over its request limit, configurator/core/tenant_limits.py)
         and the role (403), and yield.
 
         The body is one `unit_of_work` of the tenant: reads share one transaction on PostgreSQL (one
@@ -96,10 +100,35 @@ class Principal:
                 raise unauthorized("token no longer valid for this tenant") from None
             if not membership["session_active"]:
                 raise unauthorized("session ended (signed out or revoked): sign in again")
+            if self.limits is not None:
+                self.limits.admit(self.tenant_id, membership["tenant_status"], membership["limit_requests_per_minute"])
             role = membership["role"]
             if role not in roles:
                 raise forbidden(f"this needs the role {' or '.join(roles)} (you are {role})")
             yield TenantSession(self.account_id, role, ctx)
+
+    @contextmanager
+    def operator(self) -> Iterator[None]:
+        """Open the connection and check that the token's session is live (401) and that the account
+        is an operator (403 for everyone else, before anything about a tenant is read).
+
+        The operator's own tenant is only where its session lives: it is neither rate-limited nor
+        checked for suspension here, and being an operator makes nobody a member of other tenants.
+        """
+        if not (valid_id(self.account_id) and valid_id(self.tenant_id) and valid_id(self.session_id)):
+            raise unauthorized("invalid token")
+        with connection():
+            try:
+                membership = Scoped(IsolationContext(self.tenant_id)).memberships.get_with_session(
+                    self.account_id, self.session_id
+                )
+            except NotFound:
+                raise unauthorized("token no longer valid") from None
+            if not membership["session_active"]:
+                raise unauthorized("session ended (signed out or revoked): sign in again")
+            if not is_operator(self.account_id):
+                raise forbidden("operators only")
+            yield
 
 
 async def get_settings(request: Request) -> Settings:
@@ -132,7 +161,7 @@ async def current_principal(
         claims = request.app.state.tokens.decode(credentials.credentials, ACCESS)
     except TokenError as exc:
         raise unauthorized(str(exc)) from None
-    return Principal(claims.account_id, claims.tenant_id, claims.session_id)
+    return Principal(claims.account_id, claims.tenant_id, claims.session_id, request.app.state.rest_limits)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -25,7 +25,7 @@ from peewee import DateTimeField, Field
 
 from isolation import db as _db
 from isolation.ids import new_id, utcnow
-from isolation.models import Membership, RefreshToken, TenantModel, json_text, refuse_nul
+from isolation.models import Membership, RefreshToken, Tenant, TenantModel, json_text, refuse_nul
 
 # (tenant, agent, platform, chat stream): the columns every chat row takes from its context.
 Scope = tuple[str, str, str, str | None]
@@ -69,12 +69,16 @@ def _membership_sql(p: str, *, with_session: bool) -> str:
     columns, _, _ = _public_columns(Membership, ())
     if not with_session:
         return f"SELECT {columns} FROM {Membership._meta.table_name} WHERE tenant_id = {p} AND account_id = {p}"
-    # The session check is an EXISTS inside the lookup: no extra round trip on the hot path.
+    # The session check is an EXISTS inside the lookup: no extra round trip on the hot path. The
+    # tenant's status and request limit (suspension and the per-tenant REST limit, checked on every
+    # request) come from the same statement, by the tenants table's primary key.
+    qualified = ", ".join("m." + column for column in columns.split(", "))
     return (
-        f"SELECT {columns}, EXISTS (SELECT 1 FROM {RefreshToken._meta.table_name} r "
+        f"SELECT {qualified}, EXISTS (SELECT 1 FROM {RefreshToken._meta.table_name} r "
         f"WHERE r.tenant_id = m.tenant_id AND r.session_id = {p} AND r.account_id = m.account_id "
-        f"AND r.revoked_at IS NULL AND r.expires_at > {p}) "
-        f"FROM {Membership._meta.table_name} m WHERE m.tenant_id = {p} AND m.account_id = {p}"
+        f"AND r.revoked_at IS NULL AND r.expires_at > {p}), t.status, t.limit_requests_per_minute "
+        f"FROM {Membership._meta.table_name} m JOIN {Tenant._meta.table_name} t ON t.id = m.tenant_id "
+        f"WHERE m.tenant_id = {p} AND m.account_id = {p}"
     )
 
 
@@ -88,7 +92,8 @@ def membership(tenant_id: str, account_id: str) -> dict | None:
 
 def membership_with_session(tenant_id: str, account_id: str, session_id: str) -> dict | None:
     """`membership()` plus `session_active`: whether the account's sign-in session `session_id`
-    still has a refresh token that is neither revoked nor expired."""
+    still has a refresh token that is neither revoked nor expired; and the tenant's `tenant_status`
+    and `limit_requests_per_minute` override (None: the default)."""
     _, names, decoders = _public_columns(Membership, ())
     params = (
         RefreshToken.session_id.db_value(session_id),
@@ -99,8 +104,11 @@ def membership_with_session(tenant_id: str, account_id: str, session_id: str) ->
     row = _execute(_membership_sql(_db.database.obj.param, with_session=True), params).fetchone()
     if row is None:
         return None
-    found = _as_dict(row, names, decoders)  # the EXISTS column is left out by zip(strict=False)
-    found["session_active"] = bool(row[-1])
+    found = _as_dict(row, names, decoders)  # the last three columns are left out by zip(strict=False)
+    session_active, status, request_limit = row[-3:]
+    found["session_active"] = bool(session_active)
+    found["tenant_status"] = status
+    found["limit_requests_per_minute"] = None if request_limit is None else int(request_limit)
     return found
 
 

@@ -11,11 +11,12 @@ from isolation.context import IsolationContext
 from isolation.db import unit_of_work
 from isolation.errors import Conflict, NotFound
 from isolation.ids import utcnow
+from isolation.limits import TENANT_STATUSES, check_overrides, overrides_of
 from isolation.managers import sql
 from isolation.managers.agents import AgentManager, ApiKeyManager
 from isolation.managers.base import TableManager, page_size, parent_must_exist
 from isolation.managers.chat import ChatStreamManager, MemoryManager, MessageManager
-from isolation.models import LlmUsage, Membership, RefreshToken, Tenant
+from isolation.models import LlmUsage, Membership, Message, RefreshToken, ReplierPresence, Tenant
 
 ROLES = ("owner", "admin", "member")
 
@@ -50,6 +51,86 @@ class TenantManager:
             if Tenant.update(values).where(self._where()).execute() == 0:
                 raise NotFound(self.entity)
             return self.get()
+
+    # -- limits and suspension (set by operators, read by enforcement) ------------------------
+    def limit_overrides(self) -> dict[str, int | None]:
+        """The operator's overrides of the tenant's limits (None: the default applies)."""
+        return overrides_of(self.get())
+
+    def set_limits(self, overrides: dict[str, int | None]) -> dict[str, int | None]:
+        """Change the named overrides (None: back to the default); others stay. Returns all overrides."""
+        check_overrides(overrides)
+        now = utcnow()
+        values: dict[Any, Any] = {getattr(Tenant, "limit_" + name): value for name, value in overrides.items()}
+        values[Tenant.limits_updated_at] = now
+        values[Tenant.updated_at] = now
+        with unit_of_work(self.ctx.tenant_id, write=True):
+            if Tenant.update(values).where(self._where()).execute() == 0:
+                raise NotFound(self.entity)
+            return self.limit_overrides()
+
+    def set_status(self, status: str) -> dict:
+        """Suspend ('suspended') or resume ('active') the tenant."""
+        if status not in TENANT_STATUSES:
+            raise ValueError(f"status must be one of {TENANT_STATUSES}")
+        now = utcnow()
+        with unit_of_work(self.ctx.tenant_id, write=True):
+            changed = Tenant.update({Tenant.status: status, Tenant.updated_at: now}).where(self._where()).execute()
+            if changed == 0:
+                raise NotFound(self.entity)
+            return self.get()
+
+    def tokens_since(self, since: datetime) -> int:
+        """LLM tokens (prompt + completion) the tenant used since `since` (index `llm_usage_tenant_time`)."""
+        with unit_of_work(self.ctx.tenant_id):
+            total = (
+                LlmUsage.select(fn.COALESCE(fn.SUM(LlmUsage.prompt_tokens + LlmUsage.completion_tokens), 0))
+                .where((LlmUsage.tenant_id == self.ctx.tenant_id) & (LlmUsage.created_at >= since))
+                .scalar()
+            )
+        return int(total or 0)
+
+    def usage_since(self, since: datetime, present_after: datetime) -> dict:
+        """Counts only (no content): tokens and LLM calls since `since`, chat messages received and
+        sent since `since`, and the open replier connections that processes reported after
+        `present_after` (older reports are of processes that stopped)."""
+        tenant_id = self.ctx.tenant_id
+        with unit_of_work(tenant_id):
+            calls = (
+                LlmUsage.select(fn.COUNT(1))
+                .where((LlmUsage.tenant_id == tenant_id) & (LlmUsage.created_at >= since))
+                .scalar()
+            )
+            messages = dict(
+                Message.select(Message.direction, fn.COUNT(1))
+                .where((Message.tenant_id == tenant_id) & (Message.created_at >= since))
+                .group_by(Message.direction)
+                .tuples()
+            )
+            connections = (
+                ReplierPresence.select(fn.COALESCE(fn.SUM(ReplierPresence.connections), 0))
+                .where((ReplierPresence.tenant_id == tenant_id) & (ReplierPresence.updated_at > present_after))
+                .scalar()
+            )
+            return {
+                "since": since,
+                "tokens": self.tokens_since(since),
+                "llm_calls": int(calls or 0),
+                "messages_in": int(messages.get("in", 0)),
+                "messages_out": int(messages.get("out", 0)),
+                "connections": int(connections or 0),
+            }
+
+    def report_connections(self, process_id: str, connections: int) -> None:
+        """A replier process's count of the tenant's open connections (kept per process)."""
+        now = utcnow()
+        with unit_of_work(self.ctx.tenant_id, write=True):
+            ReplierPresence.insert(
+                tenant_id=self.ctx.tenant_id, process_id=process_id, connections=connections, updated_at=now
+            ).on_conflict(
+                conflict_target=[ReplierPresence.tenant_id, ReplierPresence.process_id],
+                update={ReplierPresence.connections: connections, ReplierPresence.updated_at: now},
+            ).execute()
 
     def stats(self) -> dict:
         """Real counts of everything the tenant owns (read in one transaction on PostgreSQL)."""

@@ -38,6 +38,17 @@ def test_stats_are_real_counts(client, owner):
     client.post(f"/api/v1/api-keys/{revoked['id']}/revoke", headers=owner.headers)
     seed_history(owner, agent["id"], messages=4)
     stats = client.get("/api/v1/tenant/stats", headers=owner.headers).json()
+    # The tenant's own limits (the settings' defaults: no override) and today's usage against them.
+    assert stats.pop("limits") == {
+        "messages_per_minute": 1200,
+        "agent_messages_per_minute": 600,
+        "connections": 1000,
+        "tokens_per_day": 0,
+        "requests_per_minute": 600,
+    }
+    usage = stats.pop("usage")
+    assert usage["tokens"] == 15 and usage["llm_calls"] == 1 and usage["connections"] == 0
+    assert usage["messages_in"] + usage["messages_out"] == 4
     assert stats == {
         "agents": 1,
         "api_keys": 2,

@@ -29,6 +29,7 @@ MODEL_MODULES = {
     "isolation/managers/sql.py",
     "isolation/system.py",  # pre-tenant lookups (accounts, API keys, templates)
     "isolation/cleanup.py",  # deletes table by table, children first
+    "isolation/operators.py",  # reads across tenants for operators and limits (SECURITY DEFINER)
 }
 # Where `execute_sql` may appear in the runtime packages this suite guards.
 SQL_MODULES = {
@@ -37,6 +38,7 @@ SQL_MODULES = {
     "isolation/system.py",  # SECURITY DEFINER lookups before a tenant is known
     "isolation/migrate.py",
     "isolation/health.py",  # /health: SELECT 1, BEGIN IMMEDIATE/ROLLBACK, txid_current(); no table
+    "isolation/operators.py",  # SECURITY DEFINER reads across tenants, marking operators as the owner
 }
 
 

@@ -10,8 +10,10 @@ from fastapi import APIRouter
 from configurator.api.deps import ADMIN, OWNER, CurrentPrincipal, SettingsDep
 from configurator.core.errors import responses
 from configurator.core.sizes import check_json_sizes
+from configurator.core.tenant_limits import usage_today
 from configurator.schemas import DeletedCounts, TenantOut, TenantStats, TenantUpdate
 from isolation.cleanup import delete_tenant
+from isolation.limits import effective
 
 router = APIRouter(prefix="/tenant", tags=["tenant"])
 
@@ -31,9 +33,14 @@ def update_tenant(principal: CurrentPrincipal, body: TenantUpdate, settings: Set
 
 
 @router.get("/stats", response_model=TenantStats, responses=responses(401))
-def tenant_stats(principal: CurrentPrincipal) -> dict:
+def tenant_stats(principal: CurrentPrincipal, settings: SettingsDep) -> dict:
+    """Counts of everything the tenant owns, its effective limits and today's usage against them."""
     with principal.session() as session:
-        return session.scoped.tenant.stats()
+        tenant = session.scoped.tenant
+        stats = tenant.stats()
+        stats["limits"] = effective(tenant.limit_overrides(), settings).as_dict()
+        stats["usage"] = usage_today(tenant, settings)
+        return stats
 
 
 @router.delete("", response_model=DeletedCounts, responses=responses(401, 403))
