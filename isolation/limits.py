@@ -113,6 +113,19 @@ def window_start(now: float, window: float) -> float:
     return math.floor(now / window) * window
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Which check of a `take` refused (its index) and the seconds until its window resets."""
+
+    index: int
+    retry_after: float
+
+    @property
+    def retry_after_seconds(self) -> int:
+        """`retry_after` rounded up to whole seconds (at least 1): what a Retry-After header says."""
+        return max(1, math.ceil(self.retry_after))
+
+
 class WindowCounter(Protocol):
     """Counts events per key in fixed windows. `take` is check-and-count in one step.
 
@@ -120,7 +133,9 @@ class WindowCounter(Protocol):
     INCRBY/EXPIRE per `key:window_start`), so that several processes share one count.
     """
 
-    def take(self, checks: list[tuple[Hashable, int]], window: float, amount: int = 1) -> float | None: ...
+    def take(self, checks: list[tuple[Hashable, int]], window: float, amount: int = 1) -> Refusal | None: ...
+
+    def add(self, key: Hashable, window: float, amount: int) -> int: ...
 
     def count(self, key: Hashable, window: float) -> int: ...
 
@@ -146,15 +161,15 @@ class FixedWindowCounter:
         entry = self._counts.get(key)
         return entry[1] if entry is not None and entry[0] == start else 0
 
-    def take(self, checks: list[tuple[Hashable, int]], window: float, amount: int = 1) -> float | None:
+    def take(self, checks: list[tuple[Hashable, int]], window: float, amount: int = 1) -> Refusal | None:
         """Count `amount` under every key of `checks` if each stays within its limit (0 = unlimited):
-        None. Otherwise count nothing and return the seconds until the window resets."""
+        None. Otherwise count nothing and say which check refused and when its window resets."""
         with self._lock:
             now = self._clock()
             start = window_start(now, window)
-            for key, limit in checks:
+            for index, (key, limit) in enumerate(checks):
                 if limit and self._current(key, start) + amount > limit:
-                    return max(start + window - now, 0.001)
+                    return Refusal(index, max(start + window - now, 0.001))
             for key, _ in checks:
                 self._counts[key] = (start, self._current(key, start) + amount)
                 self._counts.move_to_end(key)
@@ -167,6 +182,17 @@ class FixedWindowCounter:
         with self._lock:
             start = window_start(self._clock(), window)
             value = self._current(key, start) + amount
+            self._counts[key] = (start, value)
+            self._counts.move_to_end(key)
+            while len(self._counts) > self.max_keys:
+                self._counts.popitem(last=False)
+            return value
+
+    def raise_to(self, key: Hashable, window: float, value: int) -> int:
+        """Make the count at least `value` (a total read from the database); returns the count."""
+        with self._lock:
+            start = window_start(self._clock(), window)
+            value = max(value, self._current(key, start))
             self._counts[key] = (start, value)
             self._counts.move_to_end(key)
             while len(self._counts) > self.max_keys:

@@ -44,7 +44,7 @@ def tenant_controls(tenant_ids: Iterable[str]) -> dict[str, TenantControl]:
         rows = []
         for start in range(0, len(ids), _SQLITE_CHUNK):
             chunk = ids[start : start + _SQLITE_CHUNK]
-            rows += Tenant.select(Tenant.id, Tenant.status, *_LIMIT_FIELDS).where(Tenant.id.in_(chunk)).tuples()
+            rows.extend(Tenant.select(Tenant.id, Tenant.status, *_LIMIT_FIELDS).where(Tenant.id.in_(chunk)).tuples())
     return {row[0]: TenantControl(row[0], row[1], _overrides(row[2:])) for row in rows}
 
 

@@ -18,6 +18,7 @@ from isolation.context import IsolationContext
 from isolation.faults import classify
 from replier import db_jobs
 from replier.connections import StreamKey
+from replier.limits import quota_reply
 from replier.llm import LlmError, ProviderRegistry
 from replier.llm.base import LlmDefaults, chat_request
 from replier.llm.breaker import BreakerOpen, Breakers
@@ -159,6 +160,13 @@ class Answerer(Stage):
         if provider.offline:
             self._log_offline(agent)
         user_name = inbound.nickname or inbound.user_id
+        if not provider.offline:  # the tenant's token budget (replier/limits.py): the model is not called
+            retry_after = self.limits.over_budget(agent.tenant_id)
+            if retry_after is not None:
+                return quota_reply(
+                    inbound, stream_id=key[3], agent_name=agent.name, user_name=user_name, provider=provider.name,
+                    model=config.model, max_memories=agent.config.memory.max_memories, retry_after=retry_after,
+                )  # fmt: skip
         history = result.history or []
         request = chat_request(
             config, agent.persona, agent.name, memories, history, inbound.text, user_name, prompt=not provider.offline
@@ -178,6 +186,7 @@ class Answerer(Stage):
                 self.metrics.llm_errors.labels(provider.name).inc()
             text, outcome, model, prompt_tokens, completion_tokens = FALLBACK_REPLY, "error", config.model, 0, 0
         latency_ms = int((time.perf_counter() - llm_started) * 1000)
+        self.limits.spend(agent.tenant_id, prompt_tokens + completion_tokens)
         self.metrics.llm_requests.labels(provider.name, outcome).inc()
         memory = None
         wants_memory = agent.config.memory.enabled and agent.config.memory.max_memories > 0

@@ -136,7 +136,11 @@ class Gate(Stage):
         reason = principal.refusal()
         if reason:
             self._refuse(reason.replace(" ", "_"), reason, who)
+        await self.limits.load(principal.tenant_id)
         self._check_capacity(who)  # again: other connects may have completed while the lookup ran
+        refused = self.limits.connection_refusal(principal.tenant_id)  # suspended, or at its connections limit
+        if refused is not None:
+            self._refuse(*refused, who)
         conn = Connection(
             sid=sid,
             connection_id=new_connection_id(),
@@ -151,6 +155,7 @@ class Gate(Stage):
         session = scope.get(SESSION_KEY)
         if session is not None:
             session.tenant_id = principal.tenant_id  # its large messages count against this tenant (edge)
+        self.limits.connected(conn.tenant_id)
         self.metrics.connects.labels(protocol).inc()
         self.metrics.connections.labels(protocol).inc()
         log.debug(
@@ -164,6 +169,7 @@ class Gate(Stage):
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         conn = self.connections.remove(sid)
         if conn is not None:
+            self.limits.disconnected(conn.tenant_id)
             self.metrics.connections.labels(conn.protocol).dec()
 
     def _check_capacity(self, who: tuple[str, str, str]) -> None:

@@ -96,7 +96,7 @@ class Intake(Stage):
         inbound = await (self._api(conn, data) if conn.protocol == API else self._legacy(conn, data))
         if isinstance(inbound, Notice):
             await self.echoes.accept(conn, inbound)  # an adapter's notify: never answered nor stored as chat
-        elif inbound is not None:
+        elif inbound is not None and await self.limits.admit(conn, inbound):  # per-tenant message rates
             await self.streams.accept(conn, inbound)
 
     async def _api(self, conn: Connection, data: Any) -> Inbound | Notice | None:

@@ -90,6 +90,27 @@ class Metrics:
             "replier_revoked_connections_closed", "Connections closed after their key was revoked", registry=r
         )
 
+        # Per-tenant limits (replier/limits.py). Tenant labels only on the gauges, for at most
+        # METRICS_TENANT_LABELS tenants, rebuilt at each limits refresh: bounded cardinality.
+        self.throttled = Counter(
+            "replier_throttled",
+            "Messages and connections refused by a per-tenant limit or suspension",
+            ["limit"],
+            registry=r,
+        )
+        self.tenants_over_budget = Gauge(
+            "replier_tenants_over_budget", "Connected tenants that used their token budget", registry=r
+        )
+        self.tenant_tokens = Gauge(
+            "replier_tenant_tokens_used", "LLM tokens of the budget day (top tenants)", ["tenant"], registry=r
+        )
+        self.tenant_budget_ratio = Gauge(
+            "replier_tenant_budget_used_ratio", "Share of the token budget used (top tenants)", ["tenant"], registry=r
+        )
+        self.tenant_throttled = Gauge(
+            "replier_tenant_throttled", "Refusals by a limit in the budget day (top tenants)", ["tenant"], registry=r
+        )
+
     def watch_breakers(self, breakers: Breakers, top: int) -> None:
         """Export `breakers` (see `BreakerCollector`) from this registry."""
         self.registry.register(BreakerCollector(breakers, top))

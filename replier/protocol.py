@@ -517,13 +517,15 @@ def build_api_error(
     message_id: str | None = None,
     route: Route | None = None,
     retryable: bool = False,
+    details: dict | None = None,
 ) -> dict:
     """A `custom_error` envelope (maim clients deliver it to a handler registered for "custom_error").
 
     Its payload names the message (`msg_id`, `message_id`) and its chat (`platform`, `group_info`,
     `user_info`, ids as they arrived), so a client can show the error where the message was sent.
     `retryable: true` tells the client that the same message may succeed later (a database outage):
-    nothing was stored, send it again after a pause."""
+    nothing was stored, send it again after a pause. `details` (e.g. a limit's `retry_after`) are added
+    to the payload."""
     route = route or Route()
     payload = {
         "code": code,
@@ -535,6 +537,8 @@ def build_api_error(
     }
     if retryable:
         payload["retryable"] = True
+    if details:
+        payload.update({k: v for k, v in details.items() if k not in payload})
     return {
         "ver": 1,
         "msg_id": _new_msg_id("err"),
@@ -636,9 +640,10 @@ def build_legacy_error(
     message_id: str | None = None,
     route: Route | None = None,
     retryable: bool = False,
+    details: dict | None = None,
 ) -> dict:
     """A bare MessageBase whose text states the error; `additional_config.maitenant.error` has the code
-    (and `retryable: true` when sending the message again later may succeed).
+    (and `retryable: true` when sending the message again later may succeed, and `details`).
 
     It carries the failed message's `group_info`/`user_info` (ids as they arrived), so an adapter such
     as MaiBot-Napcat-Adapter posts it in that chat like any reply."""
@@ -647,6 +652,8 @@ def build_legacy_error(
     error: dict = {"code": code, "message": message, "message_id": message_id}
     if retryable:
         error["retryable"] = True
+    if details:
+        error.update({k: v for k, v in details.items() if k not in error})
     info = LegacyMessageInfo(
         platform=route.platform or platform or "maitenant",
         message_id=f"mt-error:{_new_msg_id('e')}",

@@ -25,6 +25,7 @@ from replier.core.config import ReplierSettings
 from replier.faults import report
 from replier.gate import Gate
 from replier.inbound import Intake
+from replier.limits import TenantLimiter
 from replier.llm import ProviderRegistry
 from replier.metrics import Metrics
 from replier.outbox import Outbox
@@ -46,7 +47,8 @@ class Replier:
         self.store = store
         self.outbox = outbox
         self.connections = ConnectionRegistry()
-        shared = Shared(settings, store, metrics, self.connections, outbox)
+        self.limits = TenantLimiter(settings, store, metrics, self.connections, outbox)
+        shared = Shared(settings, store, metrics, self.connections, outbox, self.limits)
         self.gate = Gate(shared)
         self.answerer = Answerer(shared)
         self.streams = Streams(shared, self.gate.usage, self.answerer)
@@ -91,6 +93,10 @@ class Replier:
                 name="replier-usage",
             ),
             asyncio.create_task(self.gc_freeze_loop(), name="replier-gc"),
+            asyncio.create_task(
+                self._every(self.settings.limits_refresh_seconds, self.limits.refresh, "refreshing tenant limits"),
+                name="replier-limits",
+            ),
         ]
         if self.signals is not None:
             self.tasks.append(asyncio.create_task(self.signals.run(), name="replier-signals"))

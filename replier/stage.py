@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from replier.connections import ConnectionRegistry
 from replier.core.config import ReplierSettings
 from replier.metrics import Metrics
 from replier.outbox import Outbox
 from replier.store import Store
+
+if TYPE_CHECKING:  # replier.limits builds on the same parts (it is not a stage itself)
+    from replier.limits import TenantLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +22,7 @@ class Shared:
     metrics: Metrics
     connections: ConnectionRegistry  # the open connections and the streams they speak in
     outbox: Outbox  # every send and disconnect
+    limits: TenantLimiter  # per-tenant limits and suspension (replier/limits.py)
 
 
 class Stage:
@@ -29,3 +34,4 @@ class Stage:
         self.metrics = shared.metrics
         self.connections = shared.connections
         self.outbox = shared.outbox
+        self.limits = shared.limits

@@ -45,10 +45,10 @@ class RestLimits:
         if status == SUSPENDED:
             raise ApiError(403, "tenant_suspended", "this tenant is suspended by the operator")
         limit = self.limit_for(override)
-        wait = self.counter.take([(("requests", tenant_id), limit)], self.window)
-        if wait is None:
+        refusal = self.counter.take([(("requests", tenant_id), limit)], self.window)
+        if refusal is None:
             return
-        seconds = max(1, math.ceil(wait))
+        seconds = refusal.retry_after_seconds
         self._log(tenant_id, limit)
         raise ApiError(
             429,

@@ -122,9 +122,10 @@ class TenantManager:
             }
 
     def report_connections(self, process_id: str, connections: int) -> None:
-        """A replier process's count of the tenant's open connections (kept per process)."""
+        """A replier process's count of the tenant's open connections (kept per process); `NotFound`
+        when the tenant no longer exists."""
         now = utcnow()
-        with unit_of_work(self.ctx.tenant_id, write=True):
+        with parent_must_exist(self.entity), unit_of_work(self.ctx.tenant_id, write=True):
             ReplierPresence.insert(
                 tenant_id=self.ctx.tenant_id, process_id=process_id, connections=connections, updated_at=now
             ).on_conflict(

@@ -91,6 +91,14 @@ class ReplierSettings(EgressSettings):
     )
     llm_memory_extraction: bool = True
 
+    # Per-tenant limits (replier/limits.py; the limits themselves are shared settings, isolation/config.py)
+    limits_refresh_seconds: float = Field(
+        default=2.0, gt=0, le=60, description="how often operators' overrides and suspensions are re-read"
+    )
+    metrics_tenant_labels: int = Field(
+        default=20, ge=0, le=1000, description="tenants (the top users of their budget) with their own metrics label"
+    )
+
     # Process
     gc_freeze: bool = True
     gil_switch_interval: float = Field(default=0.0005, gt=0, le=0.1)

@@ -80,11 +80,12 @@ class Outbox:
         platform: str | None = None,
         route: Route | None = None,
         retryable: bool = False,
+        details: dict | None = None,
     ) -> None:
         """An error in the connection's protocol, counted and logged (throttled) as a rejected message.
 
         `route` is the chat of the message it is about (its group_info/user_info go with the error, so
-        an adapter posts it in that chat)."""
+        an adapter posts it in that chat); `details` go into the error (e.g. a limit's `retry_after`)."""
         self._metrics.rejected.labels(code).inc()
         self._rejections.log(
             code,
@@ -98,16 +99,29 @@ class Outbox:
         )
         if conn.protocol == API:
             data = build_api_error(
-                code, message, msg_id=msg_id, message_id=message_id, route=route, retryable=retryable
+                code, message, msg_id=msg_id, message_id=message_id, route=route, retryable=retryable, details=details
             )
         else:
             data = build_legacy_error(
-                code, message, platform=platform, message_id=message_id, route=route, retryable=retryable
+                code,
+                message,
+                platform=platform,
+                message_id=message_id,
+                route=route,
+                retryable=retryable,
+                details=details,
             )
         await self.send(conn.sid, data)
 
     async def reply_error(
-        self, conn: Connection, inbound: Inbound, code: str, message: str, *, retryable: bool = False
+        self,
+        conn: Connection,
+        inbound: Inbound,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        details: dict | None = None,
     ) -> None:
         """An error about an accepted message (it names the message and its chat in either protocol)."""
         await self.error(
@@ -119,6 +133,7 @@ class Outbox:
             platform=inbound.platform,
             route=inbound.route,
             retryable=retryable,
+            details=details,
         )
 
     async def reply(
