@@ -4,6 +4,9 @@ invoke start-servers [--detach] [--database-url URL] [--configurator-port 8000] 
 invoke start-cluster --replicas N [--detach] [--database-url URL] [--redis-url URL]  (README "Scaling out")
 invoke status | stop-servers | db-upgrade | cleanup --prefix RUN_ID [--force] | cleanup --tenant T
 invoke integration [--users 3 --agents 2 --messages 5] | load
+invoke create-operator --username U [--remove]
+invoke tenant-limits --tenant T [--messages-per-minute N --agent-messages-per-minute N --connections N
+                                 --tokens-per-day N --requests-per-minute N]  (N or "default")
 """
 
 from __future__ import annotations
@@ -365,6 +368,97 @@ def cleanup(
     Console().print(table)
     if left:
         raise Exit(f"accounts left (the only owners of tenants with other members): {left}", code=1)
+
+
+@task(
+    help={
+        "username": "the account to mark (it must exist: register it first)",
+        "remove": "take the operator mark away instead",
+        "database-url": "the schema owner's URL (defaults to DATABASE_URL or sqlite:///data/maitenant.db)",
+    }
+)
+def create_operator(c: Context, username: str, remove: bool = False, database_url: str | None = None) -> None:
+    """Mark an account as an operator (the /api/v1/operator routes); runs as the URL's role, which on
+    PostgreSQL must be the schema owner (the application role may not write the mark)."""
+    from isolation.errors import NotFound
+    from isolation.operators import set_operator
+
+    try:
+        account = set_operator(_database_url(database_url), username, not remove)
+    except NotFound:
+        raise Exit(f"error: no account named {username!r}", code=1) from None
+    state = "is now an operator" if account["is_operator"] else "is no longer an operator"
+    print(f"account {account['username']} ({account['id']}) {state}")
+
+
+def _limit_option(name: str, value: str | None) -> int | None:
+    """A --<limit> option: a number (0 = unlimited) or "default" (the override is removed)."""
+    if value is None or value == "default":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise Exit(f"error: --{name.replace('_', '-')} must be a number or 'default', not {value!r}", code=2) from None
+    if number < 0:
+        raise Exit(f"error: --{name.replace('_', '-')} must be 0 (unlimited) or more", code=2)
+    return number
+
+
+@task(
+    help={
+        "tenant": "the tenant id",
+        "messages-per-minute": "chat messages per window for the whole tenant (N, 0 = unlimited, or 'default')",
+        "agent-messages-per-minute": "chat messages per window for each agent",
+        "connections": "open replier connections",
+        "tokens-per-day": "LLM tokens per budget day",
+        "requests-per-minute": "configurator API requests per window",
+        "database-url": "defaults to DATABASE_URL or sqlite:///data/maitenant.db",
+    }
+)
+def tenant_limits(
+    c: Context,
+    tenant: str,
+    messages_per_minute: str | None = None,
+    agent_messages_per_minute: str | None = None,
+    connections: str | None = None,
+    tokens_per_day: str | None = None,
+    requests_per_minute: str | None = None,
+    database_url: str | None = None,
+) -> None:
+    """Set a tenant's limit overrides (only the options given change) and print its effective limits.
+
+    Running repliers apply a change within LIMITS_REFRESH_SECONDS, configurators at the next request."""
+    from isolation import IsolationContext, NotFound, Scoped
+    from isolation import db as isolation_db
+    from isolation.config import get_base_settings
+    from isolation.context import is_id
+    from isolation.limits import LIMIT_NAMES, defaults, effective
+    from isolation.migrate import check_schema
+
+    given = {
+        "messages_per_minute": messages_per_minute,
+        "agent_messages_per_minute": agent_messages_per_minute,
+        "connections": connections,
+        "tokens_per_day": tokens_per_day,
+        "requests_per_minute": requests_per_minute,
+    }
+    changes = {name: _limit_option(name, value) for name, value in given.items() if value is not None}
+    check_schema(isolation_db.configure(_database_url(database_url)))
+    manager = Scoped(IsolationContext(tenant)).tenant if is_id(tenant) else None
+    try:
+        if manager is None:
+            raise NotFound("tenant")
+        overrides = manager.set_limits(changes) if changes else manager.limit_overrides()
+    except NotFound:
+        raise Exit(f"error: no tenant {tenant!r}", code=1) from None
+    finally:
+        isolation_db.close_database()
+    settings = get_base_settings()
+    limits, base = effective(overrides, settings).as_dict(), defaults(settings)
+    print(f"tenant {tenant}: effective limits (0 = unlimited)")
+    for name in LIMIT_NAMES:
+        source = f"override; default {base[name]}" if overrides[name] is not None else "default"
+        print(f"  {name:27s} {limits[name]:>12d}  ({source})")
 
 
 @task(

@@ -18,7 +18,7 @@ from isolation.context import IsolationContext
 from isolation.faults import classify
 from replier import db_jobs
 from replier.connections import StreamKey
-from replier.limits import quota_reply
+from replier.limits import is_quota_reply, quota_reply
 from replier.llm import LlmError, ProviderRegistry
 from replier.llm.base import LlmDefaults, chat_request
 from replier.llm.breaker import BreakerOpen, Breakers
@@ -97,12 +97,16 @@ class Answerer(Stage):
             self._log_offline(agent)
         else:
             reply = await self._ask_provider(key, inbound, result)
-            stored = await self.store.run(db_jobs.complete, _context(key), reply)
-            if stored is not None:  # answered first elsewhere: that answer stands
-                reply = db_jobs.superseded(reply, stored)
+            if not is_quota_reply(reply):  # a quota reply is sent, never stored (replier/limits.py)
+                stored = await self.store.run(db_jobs.complete, _context(key), reply)
+                if stored is not None:  # answered first elsewhere: that answer stands
+                    reply = db_jobs.superseded(reply, stored)
         if reply.metadata.get("replayed"):
             self.metrics.duplicates.inc()
-        self.cache.remember(key, inbound, reply)
+        if is_quota_reply(reply):
+            self.cache.forget_stream(key)  # the stored context moved without the cache: read it again
+        else:
+            self.cache.remember(key, inbound, reply)
         sent = await self.deliver(key, sid, inbound, reply)
         if sent:
             self.metrics.reply_latency.observe(time.perf_counter() - started)

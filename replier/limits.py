@@ -13,10 +13,12 @@ What is enforced where (the limits and their defaults: `isolation.limits`):
   mean "stored" (until then API-Server clients may see the envelope's `sys_ack` first: it only says
   the frame was read).
 - **before the model** (`replier.answer`): a tenant whose tokens of the budget day reached
-  `tokens_per_day` gets a stored reply with the text `QUOTA_REPLY`, metadata
-  `error: quota_exceeded` and `retry_after`, and an `llm_usage` row with outcome `quota_exceeded` and
-  0 tokens; the model is not called. The check is "used < budget": the call that crosses the budget
-  completes. Offline agents use no tokens and are not limited by it.
+  `tokens_per_day` gets a reply with the text `QUOTA_REPLY` and metadata `outcome`/`error`
+  `quota_exceeded` and `retry_after`, sent to the stream like any reply but not stored (no reply row,
+  no `llm_usage` row: it is counted in the metrics); the model is not called. The user's message was
+  stored when it was taken in, unanswered, so a resend after the budget day gets it answered. The
+  check is "used < budget": the call that crosses the budget completes. Tokens are those `llm_usage`
+  records (memory extraction calls are not counted). Offline agents use no tokens and are not limited.
 
 Counting is per process (`FixedWindowCounter`, bounded: least recent keys dropped beyond 100,000):
 with several repliers a tenant may get up to that many times a rate or connection limit (a Redis
@@ -80,6 +82,9 @@ class _Entry:
     loaded_at: float
 
 
+QUOTA_OUTCOME = "quota_exceeded"
+
+
 def quota_reply(
     inbound: Inbound,
     *,
@@ -91,8 +96,8 @@ def quota_reply(
     max_memories: int,
     retry_after: int,
 ) -> Reply:
-    """The reply of a tenant over its token budget: stored like any reply, with an `llm_usage` row of
-    outcome `quota_exceeded` and no tokens; its metadata says `quota_exceeded` and `retry_after`."""
+    """The reply of a tenant over its token budget: `QUOTA_REPLY`, with metadata `outcome` and
+    `error` `quota_exceeded` and `retry_after` (seconds until the budget day ends)."""
     reply = build_reply(
         inbound,
         stream_id=stream_id,
@@ -102,12 +107,18 @@ def quota_reply(
         text=QUOTA_REPLY,
         provider=provider,
         model=model,
-        outcome="quota_exceeded",
+        outcome=QUOTA_OUTCOME,
         latency_ms=0,
     )
-    reply.metadata.update(error="quota_exceeded", retry_after=retry_after)
-    reply.usage["error"] = "quota_exceeded: the tenant's tokens_per_day are used"
+    reply.metadata.update(error=QUOTA_OUTCOME, retry_after=retry_after)
     return reply
+
+
+def is_quota_reply(reply: Reply) -> bool:
+    """A quota reply is sent but not stored: it is no turn of the conversation, and it has no usage row
+    (it is counted in `replier_throttled_total{limit="tokens_per_day"}`). The user's message stays in
+    the history unanswered, so sending it again once the budget allows gets it answered."""
+    return reply.metadata.get("outcome") == QUOTA_OUTCOME
 
 
 # ---- database jobs (run in the store's worker threads) ----------------------------------------
@@ -168,8 +179,14 @@ class TenantLimiter:
         return entry is not None and entry.control.suspended
 
     async def load(self, tenant_id: str) -> None:
-        """Make sure the tenant's limits are loaded (and its budget seeded): once per tenant, at connect."""
-        if tenant_id in self._entries:
+        """Make sure the tenant's limits are loaded (and its budget seeded), at connect.
+
+        A tenant with open connections is kept current by `refresh`; for any other the limits are
+        read again when older than the refresh interval (a suspension may have been lifted)."""
+        entry = self._entries.get(tenant_id)
+        if entry is not None and (
+            tenant_id in self.open or time.monotonic() - entry.loaded_at < self.settings.limits_refresh_seconds
+        ):
             return
         controls = await self.store.run(tenant_controls, [tenant_id])
         self._apply(controls)
