@@ -33,7 +33,7 @@ class RestLimits:
     def __init__(self, settings: BaseServiceSettings, counter: FixedWindowCounter | None = None) -> None:
         self.default = settings.tenant_requests_per_minute
         self.window = settings.limit_window_seconds
-        self.counter = counter or FixedWindowCounter()
+        self.counter = counter if counter is not None else FixedWindowCounter()
         self._logged: dict[str, float] = {}
         self._lock = threading.Lock()
 
