@@ -166,7 +166,7 @@ class TenantLimiter:
         self._reported: dict[str, int] = {}
         self._heartbeat_at = 0.0
         self._throttled: Counter[str] = Counter()  # per tenant, in the current budget window (metrics)
-        self._throttled_window = 0.0
+        self._throttled_window = window_start(time.time(), settings.token_budget_window_seconds)
         self._log = ThrottledLog(log, THROTTLE_LOG_SECONDS, logging.WARNING)
 
     # -- limits of a tenant -----------------------------------------------------------------
