@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here, not at the top: the baseline server imports this module and must stay bare.
     from testsupport.databases import provision_database
-    from testsupport.servers import free_port, running_server
+    from testsupport.servers import UNLIMITED_TENANTS, free_port, running_server
 
     def uvicorn(port: int, *app: str) -> list[str]:
         """Both servers get the same uvicorn flags (one worker, log level warning, no access log)."""
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             "PYTHONPATH": str(ROOT),
         }
         env.pop("ENVIRONMENT", None)
+        env.update(UNLIMITED_TENANTS)
         if db.app_role:
             env["DATABASE_APP_ROLE"] = db.app_role
         # The configurator as `python -m configurator` would serve it, with the baseline's uvicorn flags.

@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from testsupport.servers import free_port, healthy, running_server, wait_ready
+from testsupport.servers import UNLIMITED_TENANTS, free_port, healthy, running_server, wait_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -281,6 +281,7 @@ def main() -> None:
             keys = make_keys(prov.url, prov.app_role, args.clients)
             port = free_port()
             env = dict(os.environ, DATABASE_URL=prov.url, PORT=str(port), LOG_LEVEL="warning", LLM_PROVIDER="")
+            env.update(UNLIMITED_TENANTS)
             env["MAX_CONNECTIONS"] = str(max(10_000, args.hold + 100))
             # Every benchmark client comes from 127.0.0.1 and many connect at once.
             env["MAX_CONNECTIONS_PER_ADDRESS"] = env["MAX_UNAUTHENTICATED"] = env["MAX_CONNECTIONS"]

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from testsupport.servers import free_port
+from testsupport.servers import UNLIMITED_TENANTS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -118,7 +118,7 @@ def servers(url: str, run_dir: Path, env: dict[str, str]) -> Iterator[dict[str, 
         "--configurator-port", str(ports["configurator"]), "--replier-port", str(ports["replier"]),
     ]  # fmt: skip
     started = time.monotonic()
-    code = _run(args, env=env)
+    code = _run(args, env={**UNLIMITED_TENANTS, **env})
     if code != 0:
         _run([sys.executable, "-m", "invoke", "stop-servers", "--run-dir", str(run_dir)])
         raise SystemExit(f"error: `invoke start-servers` failed (exit {code}); logs in {run_dir}")

@@ -326,3 +326,15 @@ def running_server(
         stop_process(proc, timeout=stop_timeout)
         if temporary:
             Path(log_path).unlink(missing_ok=True)
+
+
+# Benchmarks and load runs measure the pipeline at full speed from a few tenants: the per-tenant
+# limits (docs/OPERATORS.md) would turn most of that traffic into `rate_limited` answers, so their
+# servers run with every limit off (0 = unlimited).
+UNLIMITED_TENANTS: dict[str, str] = {
+    "TENANT_MESSAGES_PER_MINUTE": "0",
+    "AGENT_MESSAGES_PER_MINUTE": "0",
+    "TENANT_CONNECTIONS": "0",
+    "TENANT_TOKENS_PER_DAY": "0",
+    "TENANT_REQUESTS_PER_MINUTE": "0",
+}

@@ -20,7 +20,7 @@ from isolation import Scoped
 from isolation.context import IsolationContext
 from replier.limits import QUOTA_REPLY
 
-WINDOW = 4.0  # LIMIT_WINDOW_SECONDS of the replier under test
+WINDOW = 3.0  # LIMIT_WINDOW_SECONDS of the replier under test
 LIVE = 5.0  # an operator's change must reach a running replier within this
 
 
