@@ -89,7 +89,8 @@ _LOGIN_FIELDS = ("id", "username", "email", "status", "created_at")
 
 
 def _account_columns():
-    return [f for name, f in Account._meta.fields.items() if name != "password_hash"]
+    """The account fields callers get: not the hash, nor the operator mark (`isolation.operators`)."""
+    return [f for name, f in Account._meta.fields.items() if name not in ("password_hash", "is_operator")]
 
 
 def create_account(username: str, email: str, password_hash: str) -> dict:

@@ -71,6 +71,7 @@ log = logging.getLogger("replier")
 QUOTA_REPLY = "Sorry, this service has used its language model budget for today. Please try again later."
 SUSPENDED_REASON = "this tenant is suspended by the operator"
 THROTTLE_LOG_SECONDS = 60.0  # one WARNING per (limit, tenant) and interval
+MAX_THROTTLED_TENANTS = 100_000  # tenants with a throttle count in the budget day (metrics only)
 CONTROL_KEEP_SECONDS = 30.0  # a tenant without connections keeps its loaded limits this long
 THROTTLED = ("messages_per_minute", "agent_messages_per_minute", "tokens_per_day", "connections", "suspended")
 
@@ -283,6 +284,8 @@ class TenantLimiter:
     # -- throttling: one metric, one log line -------------------------------------------------
     def _throttle(self, tenant_id: str, limit: str, value: int) -> None:
         self.metrics.throttled.labels(limit).inc()
+        if len(self._throttled) >= MAX_THROTTLED_TENANTS and tenant_id not in self._throttled:
+            self._throttled.clear()  # bounded memory; the per-tenant gauges start again
         self._throttled[tenant_id] += 1
         self._log.log(limit, tenant_id, "tenant %s throttled: %s (limit %d)", tenant_id, limit, value)
 
