@@ -87,7 +87,8 @@ def test_agent_rate_is_exact_routed_to_the_chat_stores_nothing_and_resets(limite
     assert [r.message_info.message_id for r in replies] == ["mt-reply:ag-0", "mt-reply:ag-1", "mt-reply:ag-2"]
     assert error["code"] == "rate_limited" and error["limit"] == "agent_messages_per_minute"
     assert error["message_id"] == "ag-3" and 1 <= error["retry_after"] <= WINDOW
-    assert error["chat"] == {"platform": "qq", "group_id": "g1", "user_id": "u1"}
+    assert error["platform"] == "qq"  # routed to the chat it came from
+    assert error["group_info"]["group_id"] == "g1" and error["user_info"]["user_id"] == "u1"
     assert after.message_info.message_id == "mt-reply:ag-4"
     stored = [m["message_id"] for m in ta.history("qq", group_id="g1") if m["direction"] == "in"]
     assert stored == ["ag-0", "ag-1", "ag-2", "ag-4"]  # nothing of the refused message
