@@ -295,7 +295,9 @@ def test_an_echo_whose_store_job_fails_is_logged_and_dropped(caplog):
         async def run(self, *args):
             raise RuntimeError("database down")
 
-    shared = SimpleNamespace(settings=None, store=FailingStore(), metrics=Metrics(), connections=None, outbox=None)
+    shared = SimpleNamespace(
+        settings=None, store=FailingStore(), metrics=Metrics(), connections=None, outbox=None, limits=None
+    )
     conn = Connection("sid", "conn_1", LEGACY, "key_1", "ten_1", "agt_1", "qq", "")
     echo = Notice("echo", "qq", "1", None, "mt-reply:1", "9")
     asyncio.run(Echoes(shared).accept(conn, echo))
