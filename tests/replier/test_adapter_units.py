@@ -315,7 +315,9 @@ def test_an_echo_lost_to_a_database_outage_goes_to_the_throttled_fault_log(caplo
         async def run(self, *args):
             raise MaxConnectionsExceeded("pool exhausted")
 
-    shared = SimpleNamespace(settings=None, store=DownStore(), metrics=Metrics(), connections=None, outbox=None)
+    shared = SimpleNamespace(
+        settings=None, store=DownStore(), metrics=Metrics(), connections=None, outbox=None, limits=None
+    )
     conn = Connection("sid", "conn_1", LEGACY, "key_1", "ten_1", "agt_1", "qq", "")
     asyncio.run(Echoes(shared).accept(conn, Notice("echo", "qq", "1", None, "mt-reply:2", "9")))
     assert "database_unavailable: adapter echo failed" in caplog.text
