@@ -21,6 +21,7 @@ from replier_support import ReplierProcess, make_tenant, wait_for
 from isolation import Scoped
 from perf.sio_loadgen import envelope, open_socket
 from replier.answer import FALLBACK_REPLY
+from testsupport.servers import UNLIMITED_TENANTS
 
 B_CLIENTS = 5
 B_MESSAGES = 20  # per client and phase: 100 samples for B's p95
@@ -142,6 +143,9 @@ def test_noisy_neighbour_cannot_slow_another_tenant(provisioned, configured_db):
         LLM_BREAKER_FAILURES="5",
         LLM_BREAKER_COOLDOWN_SECONDS="300",  # no half-open probe during the test: every call is counted
         LLM_MEMORY_EXTRACTION="false",
+        # The LLM capacity's fairness on its own: A's flood must reach the model, not the per-tenant
+        # message limits (replier/limits.py, tests/replier/test_limits.py).
+        **UNLIMITED_TENANTS,
     ).start()
     b_agent = make_tenant(llm=_llm(fake, "fake-sleep-0.05", timeout=10))
     hang = make_tenant(llm=_llm(fake, "fake-hang", timeout=2))
