@@ -20,6 +20,7 @@ from isolation.migrations import (
     m0002_agent_templates,
     m0003_security,
     m0004_delivery,
+    m0005_recovery,
     m0006_limits,
 )
 
@@ -28,6 +29,7 @@ MIGRATIONS: tuple[ModuleType, ...] = (
     m0002_agent_templates,
     m0003_security,
     m0004_delivery,
+    m0005_recovery,
     m0006_limits,
 )
 LATEST_VERSION: int = MIGRATIONS[-1].VERSION
@@ -103,6 +105,7 @@ def _grant_app_role(db: Database, role: str) -> None:
         *m0001_initial.FUNCTION_SIGNATURES,
         *m0003_security.LOGIN_FUNCTION_SIGNATURES,
         *m0006_limits.FUNCTION_SIGNATURES,
+        *m0005_recovery.FUNCTION_SIGNATURES,
     ):
         if signature in RETIRED_FUNCTION_SIGNATURES:
             run(sql.SQL("REVOKE EXECUTE ON FUNCTION " + signature + " FROM {}").format(ident))

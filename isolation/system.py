@@ -1,24 +1,26 @@
 """Operations that must run before a tenant is known, kept narrow and explicit.
 
-Login needs an account's memberships and password hash, the replier needs the tenant of an API key,
-registration creates a tenant. On PostgreSQL these lookups go through `SECURITY DEFINER` functions
-(`mt_lookup_api_key`, `mt_account_memberships`, `mt_login_secret`) that return only the columns
+Login needs an account's memberships and password hash, the replier needs the tenant of an API key
+(and, for recovery, the keys of unanswered messages of every tenant), registration creates a tenant.
+On PostgreSQL these lookups go through `SECURITY DEFINER` functions (`mt_lookup_api_key`,
+`mt_account_memberships`, `mt_login_secret`, `mt_unanswered_messages`) that return only the columns
 needed, and the application role may read every column of `accounts` except `password_hash`; nothing
-here returns another tenant's data to a caller that does not already hold the credential.
+here returns another tenant's data to a caller that does not already hold the credential (the
+recovery scan returns message keys only, never content, to the replier's own process).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from peewee import IntegrityError
+from peewee import JOIN, IntegrityError, Value, fn
 
 from isolation import db as _db
 from isolation.context import IsolationContext
 from isolation.errors import Conflict, NotFound
 from isolation.ids import hash_api_key, new_id, utcnow
-from isolation.models import Account, AgentTemplate, ApiKey, Membership, Tenant
+from isolation.models import Account, Agent, AgentTemplate, ApiKey, Membership, Message, Tenant
 
 TENANT_TYPES = ("personal", "enterprise")
 
@@ -172,3 +174,67 @@ def get_template(template_id: str) -> dict:
     if row is None:
         raise NotFound("agent template")
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class UnansweredMessage:
+    """The keys of a stored inbound message with no reply (no text: it is read in its tenant's context)."""
+
+    tenant_id: str
+    agent_id: str
+    platform: str
+    chat_stream_id: str
+    message_id: str
+    created_at: datetime
+
+
+REPLY_PREFIX = "mt-reply:"  # the replier's reply ids: `mt-reply:<stored inbound message id>`
+MAX_UNANSWERED = 1000
+
+
+def unanswered_messages(max_age_seconds: float, min_age_seconds: float, limit: int) -> list[UnansweredMessage]:
+    """Inbound messages of every tenant, created between `max_age_seconds` and `min_age_seconds` ago,
+    whose agent is active and that have no reply `mt-reply:<message id>` in their stream; oldest
+    first, at most `limit` (capped at 1000). The replier's recovery pass answers them.
+
+    On PostgreSQL through `mt_unanswered_messages` (SECURITY DEFINER, m0005): the application role
+    sees one tenant's rows only, and this returns keys, never content.
+    """
+    now = utcnow()
+    oldest, newest = now - timedelta(seconds=max_age_seconds), now - timedelta(seconds=min_age_seconds)
+    limit = max(0, min(int(limit), MAX_UNANSWERED))
+    if _db.is_postgres():
+        rows = _db.database.execute_sql(
+            "SELECT tenant_id, agent_id, platform, chat_stream_id, message_id, created_at "
+            "FROM mt_unanswered_messages(%s, %s, %s)",
+            (oldest, newest, limit),
+        ).fetchall()
+    else:
+        reply = Message.alias("reply")
+        answered = reply.select(reply.id).where(
+            (reply.tenant_id == Message.tenant_id)
+            & (reply.chat_stream_id == Message.chat_stream_id)
+            & (reply.message_id == Value(REPLY_PREFIX).concat(Message.message_id))
+        )
+        rows = (
+            Message.select(
+                Message.tenant_id,
+                Message.agent_id,
+                Message.platform,
+                Message.chat_stream_id,
+                Message.message_id,
+                Message.created_at,
+            )
+            .join(Agent, JOIN.INNER, on=(Agent.tenant_id == Message.tenant_id) & (Agent.id == Message.agent_id))
+            .where(
+                (Message.direction == "in")
+                & (Message.created_at > oldest)
+                & (Message.created_at <= newest)
+                & (Agent.status == "active")
+                & ~fn.EXISTS(answered)
+            )
+            .order_by(Message.created_at, Message.tenant_id, Message.id)
+            .limit(limit)
+            .tuples()
+        )
+    return [UnansweredMessage(*row) for row in rows]

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from isolation import NotFound
 from isolation.context import IsolationContext
@@ -25,6 +26,7 @@ from replier.llm.breaker import BreakerOpen, Breakers
 from replier.llm.guarded import LlmGuard
 from replier.memory import worth_storing
 from replier.protocol import Inbound
+from replier.recovery import Deliveries
 from replier.reply import Reply, build_reply
 from replier.stage import Shared, Stage
 from replier.stream_cache import StreamCache
@@ -62,18 +64,43 @@ class Answerer(Stage):
         self.metrics.watch_breakers(breakers, settings.llm_breaker_metric_tenants)
         self._offline_logged: set[tuple[str, str]] = set()
         self.extract_memories = True  # False while draining: no second model call delays a shutdown
+        self.answering: set[tuple[StreamKey, str]] = set()  # (stream, stored id) being answered now
+        self.deliveries = Deliveries(shared)  # records which replies reached a connection
 
-    async def process(self, key: StreamKey, sid: str | None, inbound: Inbound, started: float) -> None:
+    async def process(
+        self,
+        key: StreamKey,
+        sid: str | None,
+        inbound: Inbound,
+        started: float,
+        *,
+        stored_id: str | None = None,
+        on_stored: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Answer `inbound` (sent by connection `sid` at `started`) to one connection of its stream.
 
-        The reply goes to the sender, or to one other connection if the sender is gone
+        `stored_id`: the message is stored already (`store_early`, recovery); otherwise the ingest job
+        stores it and `on_stored` runs once that job committed (the acknowledgement). The reply goes
+        to the sender, or to one other connection if the sender is gone
         (`ConnectionRegistry.reply_target`), never to several.
         """
         try:
-            result = await self._ingest(key, inbound)
+            result = await self._ingest(key, inbound, stored_id)
         except NotFound:
             await self._tell_sender(sid, inbound, "agent_unavailable", "this api key's agent no longer exists")
             return
+        if on_stored is not None:
+            await on_stored()
+        token = (key, result.stored_id)
+        self.answering.add(token)
+        try:
+            await self._answer(key, sid, inbound, started, result)
+        finally:
+            self.answering.discard(token)
+
+    async def _answer(
+        self, key: StreamKey, sid: str | None, inbound: Inbound, started: float, result: db_jobs.IngestResult
+    ) -> None:
         agent = result.agent
         if not result.created and result.reply is not None:
             self.metrics.duplicates.inc()
@@ -87,6 +114,7 @@ class Answerer(Stage):
                     agent_name=agent.name,
                     metadata={"replayed": True, "chat_stream_id": key[3], "reply_to": inbound.message_id},
                 )
+                self.deliveries.delivered(key, result.reply["message_id"])
             return
         if agent.status != "active":
             await self._tell_sender(sid, inbound, "agent_disabled", "this agent is disabled")
@@ -114,10 +142,10 @@ class Answerer(Stage):
     async def deliver(self, key: StreamKey, sid: str | None, inbound: Inbound, reply: Reply) -> int:
         """Send `reply` to the one connection it goes to; how many were sent (0 or 1)."""
         conn = self.connections.reply_target(key, sid, inbound.protocol, inbound.platform)
-        if conn is None:
+        if conn is None:  # stays undelivered: sent when a connection of the agent comes back
             return 0
         self.connections.subscribe(conn, key)
-        return await self.outbox.reply(
+        sent = await self.outbox.reply(
             [conn],
             inbound,
             reply_id=reply.reply_id,
@@ -125,15 +153,28 @@ class Answerer(Stage):
             agent_name=reply.agent_name,
             metadata=reply.metadata,
         )
+        self.deliveries.delivered(key, reply.reply_id)
+        return sent
 
     async def _tell_sender(self, sid: str | None, inbound: Inbound, code: str, message: str) -> None:
         conn = self.connections.get(sid) if sid is not None else None
         if conn is not None:
             await self.outbox.reply_error(conn, inbound, code, message)
 
-    async def _ingest(self, key: StreamKey, inbound: Inbound) -> db_jobs.IngestResult:
+    async def store_early(self, key: StreamKey, inbound: Inbound) -> str:
+        """Only store `inbound` (its stream is busy: it is answered in its turn); the id it is stored under."""
+        request = self.cache.plan(key, _context(key), inbound, self.defaults).request
+        try:
+            return await self.store.run(db_jobs.store_inbound, request)
+        except Exception:
+            if not request.stream_known:
+                raise
+            self.cache.forget_stream(key)  # deleted by a history cleanup? create it again
+            return await self.store.run(db_jobs.store_inbound, dataclasses.replace(request, stream_known=False))
+
+    async def _ingest(self, key: StreamKey, inbound: Inbound, stored_id: str | None = None) -> db_jobs.IngestResult:
         """Run the ingest job planned from the caches; an offline agent's answer comes back stored."""
-        plan = self.cache.plan(key, _context(key), inbound, self.defaults)
+        plan = self.cache.plan(key, _context(key), inbound, self.defaults, stored_id)
         try:
             result = await self.store.run(db_jobs.ingest, plan.request)
         except NotFound:
@@ -215,4 +256,5 @@ class Answerer(Stage):
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             error=error,
+            stored_id=result.stored_id,
         )

@@ -4,14 +4,19 @@ and touch tenant data only through the isolation library's scoped managers."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-from isolation import Scoped, fastpath
+import orjson
+
+from isolation import Scoped, fastpath, system
 from isolation.agent_config import AgentConfig, LlmSettings, Persona
 from isolation.context import IsolationContext
 from isolation.crypto import SecretBoxError, decrypt_secret
+from isolation.ids import utcnow
 from replier.llm.base import LlmDefaults, LlmRequest
 from replier.llm.offline import offline_answer
 from replier.memory import worth_storing
@@ -40,6 +45,7 @@ class IngestResult:
     created: bool
     agent: AgentView
     agent_reloaded: bool
+    stored_id: str = ""  # the id the inbound message is stored under (`ChatSession.store_inbound`)
     reply: dict | None = None  # the stored reply of a replayed message
     history: list | None = None  # [(direction, text, sender)] oldest first, without this message; None = not read
     memories: list | None = None  # memory contents, oldest first; None = not read
@@ -73,6 +79,8 @@ class IngestRequest:
     need_history: bool = True
     need_memories: bool = True
     offline: AnswerOffline | None = None
+    replay_window: float = 3600.0  # seconds within which an identical resend is a replay
+    stored_id: str | None = None  # already stored under this id: only answer it
 
 
 def _parse(model, value):
@@ -106,6 +114,54 @@ def load_agent(ctx: IsolationContext) -> AgentView:
     )
 
 
+def content_hash(inbound: Inbound) -> str:
+    """SHA-256 of what makes two sends of a message id the same message: its sender and segments."""
+    canonical = orjson.dumps([inbound.user_id, inbound.segments], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def _store(session: fastpath.ChatSession, inbound: Inbound, replay_window: float) -> tuple[str, bool]:
+    """Store `inbound` unless it is a replay (`ChatSession.store_inbound`); (stored id, created)."""
+    return session.store_inbound(
+        content_hash=content_hash(inbound),
+        replay_window=replay_window,
+        message_id=inbound.message_id,
+        direction="in",
+        text=inbound.text,
+        segments=inbound.segments,
+        sender_user_id=inbound.user_id,
+        sender_nickname=inbound.nickname,
+        reply_to=inbound.reply_to,
+    )
+
+
+def _ensure_stream(request: IngestRequest) -> None:
+    """Create the message's chat stream unless the caches know it (touch it now and then)."""
+    ctx, inbound = request.ctx, request.inbound
+    if ctx.chat_stream_id is None:
+        raise ValueError("ingest needs the T+A+C+P context of the message's stream")
+    streams = Scoped(IsolationContext(ctx.tenant_id, ctx.agent_id, ctx.platform)).chat_streams
+    if request.stream_known:
+        if request.touch:
+            streams.touch(ctx.chat_stream_id)
+        return
+    stream_id = streams.get_or_create(
+        group_id=inbound.group_id, user_id=inbound.user_id, group_name=inbound.group_name
+    )["id"]
+    if stream_id != ctx.chat_stream_id:
+        raise ValueError("the stream of this message does not match its context")
+
+
+def store_inbound(request: IngestRequest) -> str:
+    """Only store the message (its stream first); the id it is stored under.
+
+    Used while the message's stream is busy: the message is acknowledged once this commits, and
+    answered in its turn by `ingest` (with `stored_id` set).
+    """
+    _ensure_stream(request)
+    return _store(fastpath.ChatSession(request.ctx), request.inbound, request.replay_window)[0]
+
+
 def ingest(request: IngestRequest) -> IngestResult:
     """Agent (reloaded when its version moved), chat stream, the inbound row (idempotent), history
     and memories, in one go. The per-message statements use `isolation.fastpath`."""
@@ -117,39 +173,23 @@ def ingest(request: IngestRequest) -> IngestResult:
     if agent is None or (request.check_agent and Scoped(agent_ctx).agents.version(ctx.agent_id) != agent.version):
         agent = load_agent(agent_ctx)
         reloaded = True
-    if ctx.chat_stream_id is None:
-        raise ValueError("ingest needs the T+A+C+P context of the message's stream")
-    tap_ctx = IsolationContext(ctx.tenant_id, ctx.agent_id, ctx.platform)
-    streams = Scoped(tap_ctx).chat_streams
-    if request.stream_known:
-        if request.touch:
-            streams.touch(ctx.chat_stream_id)
-    else:
-        stream_id = streams.get_or_create(
-            group_id=inbound.group_id, user_id=inbound.user_id, group_name=inbound.group_name
-        )["id"]
-        if stream_id != ctx.chat_stream_id:
-            raise ValueError("the stream of this message does not match its context")
+    _ensure_stream(request)
     stream_id = ctx.chat_stream_id
     chat_ctx = ctx
     session = fastpath.ChatSession(chat_ctx)
-    created = session.insert_message(
-        message_id=inbound.message_id,
-        direction="in",
-        text=inbound.text,
-        segments=inbound.segments,
-        sender_user_id=inbound.user_id,
-        sender_nickname=inbound.nickname,
-        reply_to=inbound.reply_to,
-    )
-    result = IngestResult(stream_id, created, agent, reloaded)
+    if request.stored_id is not None:  # stored by `store_inbound` (or found by recovery) already
+        stored_id, created = request.stored_id, False
+    else:
+        stored_id, created = _store(session, inbound, request.replay_window)
+    result = IngestResult(stream_id, created, agent, reloaded, stored_id=stored_id)
     if not created:
-        reply_id = REPLY_ID_PREFIX + inbound.message_id
+        reply_id = REPLY_ID_PREFIX + stored_id
         text = session.message_text(reply_id)
         if text is not None:
             result.reply = {"message_id": reply_id, "text": text}
             return result
-        # stored before a crash but never answered: answer it now
+        # stored earlier (before a crash, or by `store_inbound` while the stream was busy) and not
+        # answered yet: answer it now
     if agent.status != "active":
         return result
     if reloaded:  # a changed agent may have changed its limits: read everything again
@@ -158,7 +198,7 @@ def ingest(request: IngestRequest) -> IngestResult:
     history = []
     if limit > 0 and need_history:
         for item in session.recent_messages(limit + 1):
-            if item["message_id"] != inbound.message_id:
+            if item["message_id"] != stored_id:
                 history.append((item["direction"], item["text"], item["sender_nickname"] or item["sender_user_id"]))
         history = history[-limit:]
     result.history = history if need_history else None
@@ -170,14 +210,16 @@ def ingest(request: IngestRequest) -> IngestResult:
     offline = request.offline
     if offline is not None and offline.defaults.resolve(agent.llm, agent.llm_api_key).kind == "offline":
         memories = result.memories if result.memories is not None else offline.memories
-        result.answer = answer_offline(agent, inbound, stream_id, memories)
+        result.answer = answer_offline(agent, inbound, stream_id, memories, stored_id)
         stored = complete(chat_ctx, result.answer, session=session)
         if stored is not None:
             result.answer = superseded(result.answer, stored)
     return result
 
 
-def answer_offline(agent: AgentView, inbound: Inbound, stream_id: str, memories: list[str]) -> Reply:
+def answer_offline(
+    agent: AgentView, inbound: Inbound, stream_id: str, memories: list[str], stored_id: str | None = None
+) -> Reply:
     """The offline responder's reply to one message (pure: no database, no event loop)."""
     started = time.perf_counter()
     user_name = inbound.nickname or inbound.user_id
@@ -203,6 +245,7 @@ def answer_offline(agent: AgentView, inbound: Inbound, stream_id: str, memories:
         outcome="offline",
         latency_ms=int((time.perf_counter() - started) * 1000),
         memory=worth_storing(answer.memory, memories),
+        stored_id=stored_id,
     )
 
 
@@ -252,3 +295,27 @@ def key_statuses(by_tenant: dict[str, set[str]]) -> dict[tuple[str, str], dict |
 def record_key_use(counts: dict[tuple[str, str], int]) -> None:
     for (tenant_id, key_id), uses in counts.items():
         Scoped(IsolationContext(tenant_id)).api_keys.record_use(key_id, uses)
+
+
+def find_unanswered(max_age: float, grace: float, limit: int) -> list[tuple[system.UnansweredMessage, dict]]:
+    """Stored inbound messages with no reply, `grace` to `max_age` seconds old, each with its content
+    read in its own tenant's context (recovery). Messages deleted in between are left out."""
+    found = []
+    for row in system.unanswered_messages(max_age, grace, limit):
+        ctx = IsolationContext(row.tenant_id, row.agent_id, row.platform, row.chat_stream_id)
+        stored = fastpath.ChatSession(ctx).inbound_message(row.message_id)
+        if stored is not None:
+            found.append((row, stored))
+    return found
+
+
+def mark_delivered(by_tenant: dict[str, list[tuple[str, str, str, str]]]) -> None:
+    """Record the replies handed to connections, per tenant (one statement per hundred replies)."""
+    when = utcnow()
+    for tenant_id, replies in by_tenant.items():
+        fastpath.mark_delivered(IsolationContext(tenant_id), replies, when)
+
+
+def undelivered(ctx: IsolationContext, platform: str | None, max_age: float, limit: int) -> list[dict]:
+    """The agent's replies younger than `max_age` seconds that no connection got (see `fastpath`)."""
+    return fastpath.undelivered_replies(ctx, platform, utcnow() - timedelta(seconds=max_age), limit)

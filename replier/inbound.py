@@ -1,8 +1,22 @@
 """Inbound messages: parse, size check, acknowledgement and dedup, in either protocol.
 
-A connection's "message" events arrive here in order. API-Server envelopes are acknowledged as soon as
-they are read (a duplicate `msg_id` is acknowledged and dropped); what fails a check is answered with
-its error code. A valid chat message goes on to `Streams.accept`.
+A connection's "message" events arrive here in order. What fails a check is answered with its error
+code (and never acknowledged). A valid chat message goes on to `Streams.accept`.
+
+The acknowledgement (`sys_ack`, API-Server protocol only; legacy clients get none) means **stored**:
+it is sent once the message's row is committed (`Streams.on_stored`), never before; a message that
+cannot be stored gets an error instead. A crash after the ack cannot lose the message: the restarted
+replier answers it (recovery, `replier.recovery`).
+
+Duplicate envelopes (the same `msg_id` from the same tenant's agent within `dedup_ttl_seconds`, as
+maim's client re-sends unacknowledged envelopes after a reconnect) are not processed again:
+- if the first one is stored (acknowledged), the duplicate is acknowledged again at once;
+- if the first one's store has not committed yet, the duplicate gets nothing: the first one's ack,
+  when it comes, answers both (a second ack before the store commits would claim what is not true);
+- if the first one failed (an error, no ack), its id is forgotten, so a re-send is processed anew.
+Only the envelope id is deduplicated here; the chat message id is decided by the database (an identical
+resend is a replay of the stored reply, a reused id with new content is a new message: see
+`isolation.fastpath.ChatSession.store_inbound`).
 """
 
 from __future__ import annotations
@@ -14,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from replier.connections import Connection
+from replier.connections import Connection, StreamKey
 from replier.echoes import Echoes
 from replier.protocol import (
     API,
@@ -59,27 +73,42 @@ def _payload_message_id(payload: Any, *path: str) -> str | None:
     return None
 
 
+PENDING = "pending"  # the envelope's message is not stored yet
+ACKED = "acked"  # stored and acknowledged
+
+
 class Dedup:
-    """Envelope ids (`msg_id`) seen per tenant+agent, remembered for `ttl` seconds (at most `MAX_DEDUP`)."""
+    """Envelope ids (`msg_id`) seen per tenant+agent, remembered for `ttl` seconds (at most `MAX_DEDUP`),
+    with whether their message is stored (acknowledged) yet."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str, str], list] = OrderedDict()  # key -> [expiry, state]
 
-    def seen(self, conn: Connection, msg_id: str) -> bool:
-        """Whether this connection's tenant+agent already sent `msg_id`; remembers it if not."""
-        key = (conn.tenant_id, conn.agent_id, msg_id)
+    def check(self, tenant_id: str, agent_id: str, msg_id: str) -> str | None:
+        """None for a new envelope id (now remembered as pending), else its state (PENDING or ACKED)."""
+        key = (tenant_id, agent_id, msg_id)
         now = time.monotonic()
         seen = self._seen
         while seen:
-            _, expiry = next(iter(seen.items()))
+            _, (expiry, _state) = next(iter(seen.items()))
             if expiry > now and len(seen) < MAX_DEDUP:
                 break
             seen.popitem(last=False)
-        if key in seen:
-            return True
-        seen[key] = now + self.ttl
-        return False
+        entry = seen.get(key)
+        if entry is not None:
+            return entry[1]
+        seen[key] = [now + self.ttl, PENDING]
+        return None
+
+    def acked(self, tenant_id: str, agent_id: str, msg_id: str) -> None:
+        entry = self._seen.get((tenant_id, agent_id, msg_id))
+        if entry is not None:
+            entry[1] = ACKED
+
+    def forget(self, tenant_id: str, agent_id: str, msg_id: str) -> None:
+        """The envelope's message was not stored: a re-send of it is processed anew."""
+        self._seen.pop((tenant_id, agent_id, msg_id), None)
 
 
 class Intake(Stage):
@@ -88,6 +117,8 @@ class Intake(Stage):
         self.streams = streams
         self.dedup = Dedup(shared.settings.dedup_ttl_seconds)
         self.echoes = Echoes(shared)
+        streams.on_stored = self._stored
+        streams.on_lost = self._lost
 
     async def on_message(self, sid: str, data: Any = None) -> None:
         conn = self.connections.get(sid)
@@ -96,8 +127,23 @@ class Intake(Stage):
         inbound = await (self._api(conn, data) if conn.protocol == API else self._legacy(conn, data))
         if isinstance(inbound, Notice):
             await self.echoes.accept(conn, inbound)  # an adapter's notify: never answered nor stored as chat
-        elif inbound is not None and await self.limits.admit(conn, inbound):  # per-tenant message rates
-            await self.streams.accept(conn, inbound)
+        elif inbound is not None:
+            admitted = await self.limits.admit(conn, inbound)  # per-tenant message rates
+            if not (admitted and await self.streams.accept(conn, inbound)) and inbound.msg_id:
+                self.dedup.forget(conn.tenant_id, conn.agent_id, inbound.msg_id)  # not stored: a re-send counts
+
+    async def _stored(self, key: StreamKey, sid: str | None, inbound: Inbound) -> None:
+        """The message's row is committed: acknowledge its envelope (API-Server) to its sender."""
+        if inbound.msg_id is None:
+            return
+        self.dedup.acked(key[0], key[1], inbound.msg_id)
+        conn = self.connections.get(sid) if sid is not None else None
+        if conn is not None:
+            await self.outbox.ack(conn, inbound.msg_id)
+
+    def _lost(self, key: StreamKey, inbound: Inbound) -> None:
+        if inbound.msg_id is not None:
+            self.dedup.forget(key[0], key[1], inbound.msg_id)
 
     async def _api(self, conn: Connection, data: Any) -> Inbound | Notice | None:
         try:
@@ -108,9 +154,11 @@ class Intake(Stage):
         if envelope.type == "sys_ack":
             return None  # never ack an ack
         if envelope.msg_id:
-            await self.outbox.ack(conn, envelope.msg_id)
-            if self.dedup.seen(conn, envelope.msg_id):
+            state = self.dedup.check(conn.tenant_id, conn.agent_id, envelope.msg_id)
+            if state is not None:
                 self.metrics.duplicates.inc()
+                if state == ACKED:
+                    await self.outbox.ack(conn, envelope.msg_id)
                 return None
         try:
             if envelope.type != "sys_std":
@@ -121,8 +169,16 @@ class Intake(Stage):
                 raise BadInput("invalid_envelope", f"unknown envelope type {envelope.type[:60]!r}")
             size = self._check_size(data)
             parsed = parse_api_message(envelope, data, self.settings.max_text_bytes, self.settings.max_media_bytes)
-            return self._check_rest(parsed, size)
+            checked = self._check_rest(parsed, size)
+            if isinstance(checked, Notice) and envelope.msg_id:
+                # A notify is not a chat message: nothing of it is stored as one, so it is
+                # acknowledged as soon as it is read (an echo's platform id is best effort).
+                self.dedup.acked(conn.tenant_id, conn.agent_id, envelope.msg_id)
+                await self.outbox.ack(conn, envelope.msg_id)
+            return checked
         except BadInput as exc:
+            if envelope.msg_id:
+                self.dedup.forget(conn.tenant_id, conn.agent_id, envelope.msg_id)
             message_id = _payload_message_id(data, "payload", "message_info")
             await self.outbox.error(
                 conn, exc.code, str(exc), msg_id=envelope.msg_id, message_id=message_id, route=route_of(data, API)

@@ -42,9 +42,13 @@ def build_reply(
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
     error: str | None = None,
+    stored_id: str | None = None,
 ) -> Reply:
     """The reply to `inbound`. `outcome` is "ok", "offline" or "error" (then `error` says why and the
-    client is told `llm_unavailable`, never the provider's message)."""
+    client is told `llm_unavailable`, never the provider's message). `stored_id` is the id the inbound
+    message is stored under (a reused id with new content has a derived one): the reply's id is
+    `mt-reply:<stored id>`, while the metadata's `reply_to` names the client's own message id."""
+    stored_id = stored_id or inbound.message_id
     offline = outcome == "offline"
     metadata = {
         "provider": provider,
@@ -66,8 +70,8 @@ def build_reply(
         "error": error,
     }
     return Reply(
-        reply_id=REPLY_ID_PREFIX + inbound.message_id,
-        reply_to=inbound.message_id,
+        reply_id=REPLY_ID_PREFIX + stored_id,
+        reply_to=stored_id,
         text=text,
         agent_name=agent_name,
         user_name=user_name,

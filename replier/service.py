@@ -4,7 +4,9 @@
 - `replier.inbound`: parse, size check, ack and dedup of each "message" event;
 - `replier.streams`: per-stream queues, so one stream's messages are answered in order;
 - `replier.answer`: ingest, the agent's provider, the stored reply (with `replier.stream_cache`);
-- `replier.outbox`: every send and disconnect, and the only code that touches python-socketio.
+- `replier.outbox`: every send and disconnect, and the only code that touches python-socketio;
+- `replier.recovery`: stored messages with no reply (answered at start and every
+  `recovery_interval_seconds`), delivery state, and undelivered replies sent to connections that come back.
 
 `Replier` wires them together and owns the lifecycle: the background loops (revocation checks, key
 use, `gc.freeze`) and the graceful drain. Database work goes through the batching `Store`; the event
@@ -29,6 +31,7 @@ from replier.limits import TenantLimiter
 from replier.llm import ProviderRegistry
 from replier.metrics import Metrics
 from replier.outbox import Outbox
+from replier.recovery import Recovery
 from replier.signals import SignalListener
 from replier.stage import Shared
 from replier.store import Store, StoreClosed
@@ -53,8 +56,11 @@ class Replier:
         self.answerer = Answerer(shared)
         self.streams = Streams(shared, self.gate.usage, self.answerer)
         self.intake = Intake(shared, self.streams)
+        self.recovery = Recovery(shared, self.streams)
+        self.deliveries = self.answerer.deliveries
         self.tasks: list[asyncio.Task] = []  # the background loops, once started
         self._hurry = asyncio.Event()
+        self._connect_tasks: set[asyncio.Task] = set()
         self._frozen_at = 0
         self._frozen_peak = 0  # the connection count of the freezes since the last unfreeze
         self.signals: SignalListener | None = None
@@ -65,7 +71,25 @@ class Replier:
             self.streams.locks = StreamLocks(
                 settings.redis_url, settings.redis_prefix, settings.instance_name, settings.answer_budget_seconds
             )
-        outbox.listen(connect=self.gate.on_connect, disconnect=self.gate.on_disconnect, message=self.intake.on_message)
+        outbox.listen(connect=self.on_connect, disconnect=self.gate.on_disconnect, message=self.intake.on_message)
+
+    async def on_connect(self, sid: str, environ: dict, auth: object = None) -> None:
+        """The gate decides; an accepted connection then gets its agent's undelivered replies (in a
+        task: they follow the connect acknowledgement)."""
+        await self.gate.on_connect(sid, environ, auth)
+        conn = self.connections.get(sid)
+        if conn is not None:
+            task = asyncio.create_task(self._deliver_stored(conn))
+            self._connect_tasks.add(task)
+            task.add_done_callback(self._connect_tasks.discard)
+
+    async def _deliver_stored(self, conn) -> None:
+        try:
+            await self.deliveries.on_connect(conn)
+        except StoreClosed:
+            return
+        except Exception:
+            log.exception("delivering stored replies to connection %s failed", conn.connection_id)
 
     @property
     def providers(self) -> ProviderRegistry:
@@ -97,6 +121,7 @@ class Replier:
                 self._every(self.settings.limits_refresh_seconds, self.limits.refresh, "refreshing tenant limits"),
                 name="replier-limits",
             ),
+            asyncio.create_task(self.recovery_loop(), name="replier-recovery"),
         ]
         if self.signals is not None:
             self.tasks.append(asyncio.create_task(self.signals.run(), name="replier-signals"))
@@ -165,6 +190,10 @@ class Replier:
         abandoned = await self.streams.cancel()
         if abandoned:
             log.warning("%d replies abandoned at shutdown (stored messages are answered after the restart)", abandoned)
+        for task in list(self._connect_tasks):
+            task.cancel()
+        await asyncio.gather(*self._connect_tasks, return_exceptions=True)
+        await self.deliveries.flush()
         await self.gate.usage.flush()
         await self.providers.aclose()
         await self.streams.locks.aclose()
@@ -182,6 +211,17 @@ class Replier:
             except Exception as exc:
                 if report(exc, what) is None:  # an outage is logged once per interval (replier/faults.py)
                     log.exception("%s failed", what)
+
+    async def recovery_loop(self) -> None:
+        """A recovery pass at start, then every `recovery_interval_seconds` (stalled work)."""
+        while self.accepting:
+            try:
+                await self.recovery.run_once()
+            except StoreClosed:
+                return
+            except Exception:
+                log.exception("recovery pass failed")
+            await asyncio.sleep(self.settings.recovery_interval_seconds)
 
     async def gc_freeze_loop(self) -> None:
         """`gc.freeze()` after bursts of connects keeps full collections out of the latency tail.

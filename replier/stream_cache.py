@@ -52,8 +52,16 @@ class StreamCache:
         """How many streams' history or memories are cached (the larger of the two)."""
         return max(len(self._history), len(self._memories))
 
-    def plan(self, key: StreamKey, ctx: IsolationContext, inbound: Inbound, defaults: LlmDefaults) -> Plan:
-        """The ingest request for `inbound`: it answers offline in the job when the cached agent has no model."""
+    def plan(
+        self,
+        key: StreamKey,
+        ctx: IsolationContext,
+        inbound: Inbound,
+        defaults: LlmDefaults,
+        stored_id: str | None = None,
+    ) -> Plan:
+        """The ingest request for `inbound`: it answers offline in the job when the cached agent has no model.
+        `stored_id`: the message is stored already under that id (only answer it)."""
         tenant_id, agent_id, _, _ = key
         now = time.monotonic()
         cached = self._agents.get((tenant_id, agent_id))
@@ -76,6 +84,8 @@ class StreamCache:
             need_history=history is None or now - history[1] >= ttl,
             need_memories=memories is None or now - memories[1] >= ttl,
             offline=offline,
+            replay_window=self.settings.dedup_ttl_seconds,
+            stored_id=stored_id,
         )
         return Plan(request, now, history, memories)
 

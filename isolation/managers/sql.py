@@ -17,6 +17,7 @@ The statement strings are built once per dialect (`lru_cache`) and reused.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -44,6 +45,11 @@ def _decode_datetime(value: Any) -> Any:
         except ValueError:  # not ISO: leave it to peewee's own (slower) parser
             return DateTimeField().python_value(value)
     return value
+
+
+def _decode_json(value: Any) -> Any:
+    """JSON columns are text on both dialects (`json_text`)."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def _decoder(field: Field):
@@ -213,6 +219,14 @@ def _chat_sql(p: str) -> dict[str, str]:
         "platform_message_id": (
             f"UPDATE messages SET platform_message_id = {p} WHERE {stream} AND message_id = {p} AND direction = 'out'"
         ),
+        "message_meta": f"SELECT content_hash, created_at FROM messages WHERE {stream} AND message_id = {p}",
+        "inbound": (
+            "SELECT m.text, m.segments, m.sender_user_id, m.sender_nickname, m.reply_to, m.created_at, "
+            "s.group_id, s.user_id, s.group_name FROM messages m JOIN chat_streams s "
+            "ON s.tenant_id = m.tenant_id AND s.agent_id = m.agent_id AND s.id = m.chat_stream_id "
+            f"WHERE m.tenant_id = {p} AND m.agent_id = {p} AND m.platform = {p} AND m.chat_stream_id = {p} "
+            f"AND m.message_id = {p} AND m.direction = 'in'"
+        ),
         "recent": (
             "SELECT message_id, direction, text, sender_user_id, sender_nickname FROM messages "
             f"WHERE {stream} ORDER BY created_at DESC, id DESC LIMIT {p}"
@@ -309,6 +323,93 @@ def set_platform_message_id(scope: Scope, message_id: str, platform_message_id: 
     refuse_nul(platform_message_id)
     params = (platform_message_id, *scope, message_id)
     return _execute(_chat_sql(_db.database.obj.param)["platform_message_id"], params).rowcount == 1
+
+
+def inbound_message(scope: Scope, message_id: str) -> dict | None:
+    """One of the stream's inbound messages with its stream's peers (what a reply to it needs), or None."""
+    row = _execute(_chat_sql(_db.database.obj.param)["inbound"], (*scope, message_id)).fetchone()
+    if row is None:
+        return None
+    names = ("text", "segments", "sender_user_id", "sender_nickname", "reply_to", "created_at")
+    found = dict(zip(names, row[:6], strict=True)) | dict(
+        zip(("group_id", "user_id", "group_name"), row[6:], strict=True)
+    )
+    found["segments"] = _decode_json(found["segments"])
+    found["created_at"] = _decode_datetime(found["created_at"])
+    return found
+
+
+# ---- delivery state: replies handed to a connection, and those still waiting for one ----------
+_UNDELIVERED_SQL = (
+    "SELECT r.platform, r.chat_stream_id, r.message_id, r.text, r.sender_nickname, r.reply_to, "
+    "i.sender_user_id, i.sender_nickname, s.group_id, s.user_id, s.group_name "
+    "FROM messages r JOIN chat_streams s "
+    "ON s.tenant_id = r.tenant_id AND s.agent_id = r.agent_id AND s.id = r.chat_stream_id "
+    "LEFT JOIN messages i ON i.tenant_id = r.tenant_id AND i.chat_stream_id = r.chat_stream_id "
+    "AND i.message_id = r.reply_to "
+    "WHERE r.tenant_id = {p} AND r.agent_id = {p} AND r.direction = 'out' AND r.delivered_at IS NULL "
+    "AND r.created_at > {p}{platform} ORDER BY r.created_at, r.id LIMIT {p}"
+)
+_UNDELIVERED_NAMES = (
+    "platform",
+    "chat_stream_id",
+    "message_id",
+    "text",
+    "agent_name",
+    "reply_to",
+    "user_id",
+    "nickname",
+    "group_id",
+    "stream_user_id",
+    "group_name",
+)
+
+
+@lru_cache(maxsize=4)
+def _undelivered_sql(p: str, by_platform: bool) -> str:
+    return _UNDELIVERED_SQL.format(p=p, platform=f" AND r.platform = {p}" if by_platform else "")
+
+
+def undelivered_replies(tenant_id: str, agent_id: str, platform: str | None, since: datetime, limit: int) -> list[dict]:
+    """The agent's replies (on `platform`, or every platform when None) stored after `since` and never
+    handed to a connection, oldest first, with what a reply message needs about its inbound message."""
+    scope = (tenant_id, agent_id, since) + ((platform,) if platform is not None else ())
+    sql = _undelivered_sql(_db.database.obj.param, platform is not None)
+    rows = _execute(sql, (*scope, int(limit))).fetchall()
+    return [dict(zip(_UNDELIVERED_NAMES, row, strict=True)) for row in rows]
+
+
+MARK_CHUNK = 100  # replies per UPDATE statement
+
+
+@lru_cache(maxsize=8)
+def _mark_delivered_sql(p: str, count: int) -> str:
+    rows = ", ".join([f"({p}, {p}, {p}, {p})"] * count)
+    return (
+        f"UPDATE messages SET delivered_at = {p} WHERE tenant_id = {p} AND delivered_at IS NULL "
+        f"AND (agent_id, platform, chat_stream_id, message_id) IN (VALUES {rows})"
+    )
+
+
+def mark_delivered(tenant_id: str, replies: list[tuple[str, str, str, str]], when: datetime) -> int:
+    """Set `delivered_at` of the tenant's replies (agent, platform, chat stream, reply message id), a
+    hundred per statement; how many rows changed (a reply marked already keeps its first time)."""
+    changed = 0
+    p = _db.database.obj.param
+    for start in range(0, len(replies), MARK_CHUNK):
+        chunk = replies[start : start + MARK_CHUNK]
+        if len(chunk) < MARK_CHUNK:  # pad to one of a few statement shapes (the cache stays small)
+            size = 1 if len(chunk) == 1 else 10 if len(chunk) <= 10 else MARK_CHUNK
+            chunk = chunk + [chunk[-1]] * (size - len(chunk))
+        params = [when, tenant_id] + [value for reply in chunk for value in reply]
+        changed += _execute(_mark_delivered_sql(p, len(chunk)), tuple(params)).rowcount
+    return changed
+
+
+def message_meta(scope: Scope, message_id: str) -> tuple[str | None, datetime] | None:
+    """(content hash, created at) of one of the stream's messages by its message id, or None."""
+    row = _execute(_chat_sql(_db.database.obj.param)["message_meta"], (*scope, message_id)).fetchone()
+    return None if row is None else (row[0], _decode_datetime(row[1]))
 
 
 def recent_messages(scope: Scope, limit: int) -> list[tuple]:

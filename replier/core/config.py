@@ -70,6 +70,15 @@ class ReplierSettings(EgressSettings):
     context_cache_seconds: float = Field(default=5.0, ge=0, description="history/memory cache per stream; 0 = off")
     usage_flush_seconds: float = Field(default=5.0, gt=0)
 
+    # Recovery: stored messages with no reply, and replies never handed to a connection
+    recovery_max_age_seconds: float = Field(
+        default=600.0, ge=0, description="older unanswered messages / undelivered replies are left alone; 0 = off"
+    )
+    recovery_interval_seconds: float = Field(default=30.0, gt=0, description="how often to look for stalled work")
+    recovery_grace_seconds: float = Field(
+        default=10.0, ge=0, description="younger unanswered messages may still be in flight elsewhere: not yet"
+    )
+
     # LLM (global default used when an agent's provider is "default"; LLM_BASE_URL is an EgressSettings field)
     llm_provider: str = Field(default="", description="openai | offline | empty (= offline)")
     llm_model: str = ""

@@ -54,6 +54,9 @@ class ReplierProcess(ServerProcess):
             # The fake LLM (tests/replier/fake_openai.py) listens on loopback, which agents' URLs may
             # only reach when the operator allows it (isolation/egress.py).
             LLM_ALLOWED_HOSTS="127.0.0.1",
+            # The leg's database is shared by every test: a long grace keeps one test's server from
+            # answering rows another test stored on purpose (recovery tests set their own).
+            RECOVERY_GRACE_SECONDS="120",
         )
         if app_role:
             settings["DATABASE_APP_ROLE"] = app_role

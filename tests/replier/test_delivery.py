@@ -85,3 +85,51 @@ def test_an_answer_stored_first_elsewhere_stands(replier_server, fake_llm):
     assert [(m["message_id"], m["text"]) for m in rows] == [("mt-reply:race-1", "the first answer")]
     # The late answer's usage row was not recorded (it was not stored).
     assert Scoped(ta.ctx).llm_usage.list() == []
+
+
+def test_one_message_id_sent_through_two_connections_at_once_is_stored_and_answered_once(replier_server, fake_llm):
+    ta = make_tenant(llm=_llm(fake_llm, "fake-delay"), llm_key="sk-test")
+
+    async def scenario():
+        a = await MaimClient(replier_server.url, ta.secret).start()
+        b = await MaimClient(replier_server.url, ta.secret).start()
+        try:
+            message = api_message("said twice", message_id="twice-1", user_id="twin")
+            await asyncio.gather(a.send(message), b.send(message))
+            return await a.reply(), await b.reply()
+        finally:
+            await a.stop()
+            await b.stop()
+
+    first, second = run(scenario())
+    assert first.message_info.message_id == second.message_info.message_id == "mt-reply:twice-1"
+    assert first.message_segment.data == second.message_segment.data
+    flags = sorted(bool(m.message_info.additional_config["maitenant"].get("replayed")) for m in (first, second))
+    assert flags == [False, True]  # one answer made, one replay of it
+    ids = [m["message_id"] for m in ta.history("qq", user_id="twin")]
+    assert ids == ["twice-1", "mt-reply:twice-1"]
+    assert len(Scoped(ta.ctx).llm_usage.list()) == 1
+
+
+def test_maim_client_reused_id_new_text_is_answered_and_identical_resend_replayed(replier_server):
+    ta = make_tenant()
+
+    async def scenario():
+        client = await MaimClient(replier_server.url, ta.secret).start()
+        try:
+            got = []
+            for text in ("test message", "another text", "test message"):
+                await client.send(api_message(text, message_id="test_msg_001", user_id="reuser"))
+                got.append(await client.reply())
+            return got
+        finally:
+            await client.stop()
+
+    first, other, again = run(scenario())
+    assert first.message_info.message_id == "mt-reply:test_msg_001"
+    assert other.message_info.message_id.startswith("mt-reply:test_msg_001#")
+    assert other.message_info.additional_config["maitenant"]["reply_to"] == "test_msg_001"
+    assert again.message_info.message_id == "mt-reply:test_msg_001"
+    assert again.message_info.additional_config["maitenant"]["replayed"] is True
+    inbound = [m["text"] for m in ta.history("qq", user_id="reuser") if m["direction"] == "in"]
+    assert inbound == ["test message", "another text"]
