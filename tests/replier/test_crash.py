@@ -1,5 +1,7 @@
 """kill -9 mid-conversation: clients reconnect to the restarted replier, history is intact and
-replayed message ids are not stored twice."""
+replayed message ids are not stored twice. A reply sent just before the kill may be delivered once
+more when a client reconnects (its delivery was not recorded yet; docs/RELIABILITY.md): such a
+redelivery is marked and skipped here."""
 
 from __future__ import annotations
 
@@ -9,6 +11,19 @@ from replier_support import MaimClient, ReplierProcess, api_message, make_tenant
 from test_compat import _envelope, next_of
 
 from isolation import Scoped
+
+
+def _redelivered(meta: dict) -> bool:
+    return bool(meta.get("redelivered"))
+
+
+async def _next_reply(maim: MaimClient, redelivered: list[str]):
+    """The next reply that is not a redelivery (those are collected in `redelivered`)."""
+    while True:
+        reply = await maim.reply()
+        if not _redelivered(reply.message_info.additional_config["maitenant"]):
+            return reply
+        redelivered.append(reply.message_info.message_id)
 
 
 def test_kill9_restart_reconnect_and_replay(provisioned, configured_db):
@@ -48,16 +63,22 @@ def test_kill9_restart_reconnect_and_replay(provisioned, configured_db):
             await wait_for(lambda: raw.connected, timeout=20)
             # maim client replays c-2 (a new envelope, same message id): the stored reply comes back.
             await maim.send(api_message("message 2", message_id="c-2", user_id="crash-user"))
-            replay = await maim.reply()
+            redelivered: list[str] = []
+            replay = await _next_reply(maim, redelivered)
             assert replay.message_info.message_id == "mt-reply:c-2"
             assert replay.message_info.additional_config["maitenant"]["replayed"] is True
             await maim.send(api_message("message 3", message_id="c-3", user_id="crash-user"))
-            assert (await maim.reply()).message_info.message_id == "mt-reply:c-3"
+            assert (await _next_reply(maim, redelivered)).message_info.message_id == "mt-reply:c-3"
             # The raw python-socketio client reconnected too and replays the orphan.
             payload = api_message("stored, unanswered", message_id="orphan-1", user_id="crash-user").to_dict()
             await raw.emit("message", _envelope("o-1", payload))
             orphan = await next_of(raw_inbox, "sys_std")
+            while _redelivered(orphan["meta"].get("maitenant", {})):
+                redelivered.append(orphan["payload"]["message_info"]["message_id"])
+                orphan = await next_of(raw_inbox, "sys_std")
             assert orphan["payload"]["message_info"]["message_id"] == "mt-reply:orphan-1"
+            # At most one redelivery of each reply, to one of the two connections.
+            assert len(redelivered) == len(set(redelivered)) and set(redelivered) <= {"mt-reply:c-1", "mt-reply:c-2"}
         finally:
             await raw.disconnect()
             await maim.stop()
