@@ -463,3 +463,28 @@ def test_two_adapters_of_one_agent_in_one_group_each_get_only_their_replies(adap
         "mt-reply:4002",
         "mt-reply:4003",
     ]
+
+
+def test_a_reused_message_id_with_new_text_is_a_new_message(adapter_server, keyless_tenant):
+    """QQ (and maim_message's examples) reuse message ids: the same id with other text is answered
+    as the new message it is and stored; an identical resend is the same message (its reply again)."""
+    group = 5550002
+
+    async def scenario():
+        adapter = await NapcatLikeAdapter(adapter_server.keyless_url).start()
+        try:
+            answers = []
+            for text in ("first text", "second text", "second text"):
+                await adapter.send(onebot_message(6000, [LegacySeg("text", text)], group_id=group))
+                answers.append(await adapter.next())
+        finally:
+            await adapter.stop()
+        return answers
+
+    first, second, again = run(scenario())
+    assert "first text" in first["message_segment"]["data"]
+    assert "second text" in second["message_segment"]["data"]
+    assert second["message_info"]["message_id"] != first["message_info"]["message_id"]
+    assert again["message_info"]["message_id"] == second["message_info"]["message_id"]
+    inbound = [m["text"] for m in _stored(keyless_tenant, group_id=str(group)) if m["direction"] == "in"]
+    assert inbound == ["first text", "second text"]
