@@ -156,11 +156,11 @@ def _bound(ctx: IsolationContext, level: Level) -> None:
 
 def mark_delivered(
     ctx: IsolationContext, replies: list[tuple[str, str, str, str]], when: datetime | None = None
-) -> int:
+) -> None:
     """Record that these replies of the tenant `ctx` were handed to a connection: (agent, platform,
-    chat stream, reply message id) each, in statements of a hundred; how many rows changed."""
+    chat stream, reply message id) each, one indexed statement per reply in one batch."""
     _bound(ctx, Level.T)
-    return sql.mark_delivered(ctx.tenant_id, replies, when or utcnow())
+    sql.mark_delivered(ctx.tenant_id, replies, when or utcnow())
 
 
 def undelivered_replies(ctx: IsolationContext, platform: str | None, since: datetime, limit: int) -> list[dict]:

@@ -379,31 +379,34 @@ def undelivered_replies(tenant_id: str, agent_id: str, platform: str | None, sin
     return [dict(zip(_UNDELIVERED_NAMES, row, strict=True)) for row in rows]
 
 
-MARK_CHUNK = 100  # replies per UPDATE statement
-
-
-@lru_cache(maxsize=8)
-def _mark_delivered_sql(p: str, count: int) -> str:
-    rows = ", ".join([f"({p}, {p}, {p}, {p})"] * count)
+@lru_cache(maxsize=2)
+def _mark_delivered_sql(p: str) -> str:
+    # One reply per row of the batch, by the unique key's columns (tenant, chat stream, message id)
+    # plus the rest of its context: an index lookup each. A multi-row `IN (VALUES ...)` form made
+    # PostgreSQL hash-join the tenant's whole message table (43% of the replier's throughput at 50
+    # clients, measured with perf.bench_replier).
     return (
-        f"UPDATE messages SET delivered_at = {p} WHERE tenant_id = {p} AND delivered_at IS NULL "
-        f"AND (agent_id, platform, chat_stream_id, message_id) IN (VALUES {rows})"
+        f"UPDATE messages SET delivered_at = {p} WHERE tenant_id = {p} AND chat_stream_id = {p} "
+        f"AND message_id = {p} AND agent_id = {p} AND platform = {p} AND direction = 'out' "
+        "AND delivered_at IS NULL"
     )
 
 
-def mark_delivered(tenant_id: str, replies: list[tuple[str, str, str, str]], when: datetime) -> int:
-    """Set `delivered_at` of the tenant's replies (agent, platform, chat stream, reply message id), a
-    hundred per statement; how many rows changed (a reply marked already keeps its first time)."""
-    changed = 0
-    p = _db.database.obj.param
-    for start in range(0, len(replies), MARK_CHUNK):
-        chunk = replies[start : start + MARK_CHUNK]
-        if len(chunk) < MARK_CHUNK:  # pad to one of a few statement shapes (the cache stays small)
-            size = 1 if len(chunk) == 1 else 10 if len(chunk) <= 10 else MARK_CHUNK
-            chunk = chunk + [chunk[-1]] * (size - len(chunk))
-        params = [when, tenant_id] + [value for reply in chunk for value in reply]
-        changed += _execute(_mark_delivered_sql(p, len(chunk)), tuple(params)).rowcount
-    return changed
+def mark_delivered(tenant_id: str, replies: list[tuple[str, str, str, str]], when: datetime) -> None:
+    """Set `delivered_at` of the tenant's replies (agent, platform, chat stream, reply message id); a
+    reply marked already keeps its first time. One `executemany`: psycopg sends the whole batch in
+    one round trip (pipeline mode), SQLite runs it in process."""
+    if not replies:
+        return
+    rows = [
+        (when, tenant_id, stream, message_id, agent_id, platform)
+        for agent_id, platform, stream, message_id in dict.fromkeys(replies)
+    ]
+    cursor = _db.database.obj.cursor()
+    try:
+        cursor.executemany(_mark_delivered_sql(_db.database.obj.param), rows)
+    finally:
+        cursor.close()
 
 
 def message_meta(scope: Scope, message_id: str) -> tuple[str | None, datetime] | None:
