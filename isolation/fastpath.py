@@ -62,13 +62,7 @@ class ChatSession:
     __slots__ = ("_scope", "ctx")
 
     def __init__(self, ctx: IsolationContext) -> None:
-        ctx.require(Level.TACP)
-        database = _db.database.obj
-        if database is None:
-            raise RuntimeError("database is not configured")
-        if not database.in_transaction():
-            raise RuntimeError("fastpath statements must run inside a transaction")
-        _db.bind_tenant(ctx.tenant_id)
+        _bound(ctx, Level.TACP)
         self.ctx = ctx
         self._scope: sql.Scope = (ctx.tenant_id, ctx.agent_id, ctx.platform, ctx.chat_stream_id)
 
