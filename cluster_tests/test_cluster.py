@@ -60,6 +60,17 @@ class Tenant:
         return Scoped(ctx.child(chat_stream_id=stream)).messages.history(500)
 
 
+def assert_answered_once(rows: list[dict], count: int) -> None:
+    """`count` messages stored, each answered exactly once. The rows need not alternate in, out:
+    a message that arrives while its stream is busy is stored (and acknowledged) at once, by
+    whichever database worker commits first, so stored times do not give the arrival order; the
+    order of answers is checked through what each model call saw (below)."""
+    inbound = [m["message_id"] for m in rows if m["direction"] == "in"]
+    answered = [m["reply_to"] for m in rows if m["direction"] == "out"]
+    assert len(inbound) == count
+    assert sorted(answered) == sorted(inbound)
+
+
 def connections(cluster: Cluster) -> list[int]:
     """Open connections on each replier, asked directly (not through the balancer)."""
     counts = []
@@ -125,7 +136,7 @@ def test_maim_clients_and_the_legacy_router_through_the_balancer(cluster):
 
     run(scenario())
     for n in range(2):
-        assert [m["direction"] for m in tenant.history("qq", f"user-{n}")] == ["in", "out"] * 3
+        assert_answered_once(tenant.history("qq", f"user-{n}"), 3)
 
 
 def test_revocation_through_the_configurator_closes_connections_on_every_replier_within_a_second(cluster):
@@ -251,7 +262,7 @@ def test_invoke_start_cluster_says_what_to_install(tmp_path):
 
 def test_one_stream_through_two_repliers_is_answered_in_order(cluster, fake_llm):
     """Two adapters of one agent on different repliers speak in one group at once; the model takes
-    0.3 s per answer. Each message is answered after the one before it (rows in, out, in, out …),
+    0.3 s per answer. Each message is answered after the one before it (replies in message order),
     and each answer saw the exchange before it, whichever replier stored it."""
     tenant = Tenant(cluster)
     llm = {"provider": "openai", "base_url": fake_llm.base_url, "model": "fake-sleep-0.3", "api_key": "sk-fake-key"}
@@ -282,7 +293,7 @@ def test_one_stream_through_two_repliers_is_answered_in_order(cluster, fake_llm)
     ctx = IsolationContext(tenant.tenant_id, tenant.agent_id, "qq")
     stream = Scoped(ctx).chat_streams.stream_id_for("group", "order-group")
     rows = Scoped(ctx.child(chat_stream_id=stream)).messages.history(100)
-    assert [m["direction"] for m in rows] == ["in", "out"] * 10
+    assert_answered_once(rows, 10)
     # Each answer's model call had the exchange stored just before it (by either replier) in its
     # context: a replier taking a stream over from the other reads its history again.
     texts = [re.search(r"r\d c\d", str(m)).group(0) for m in rows if m["direction"] == "in"]

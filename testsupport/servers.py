@@ -101,11 +101,27 @@ def spawn(
     earlier output; None: this terminal's). The parent's handle is closed at once; the child has its
     own. `new_session`: a terminal's Ctrl-C reaches only the caller, which stops the child itself."""
     if log_path is None:
-        return subprocess.Popen(list(cmd), cwd=cwd, env=env, start_new_session=new_session)  # noqa: S603
+        return subprocess.Popen(  # noqa: S603
+            list(cmd), cwd=cwd, env=env, start_new_session=new_session, preexec_fn=_default_sigint
+        )
     with open(log_path, mode) as log:
         return subprocess.Popen(  # noqa: S603
-            list(cmd), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session
+            list(cmd),
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+            preexec_fn=_default_sigint,
         )
+
+
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default. A shell starts background jobs with
+    SIGINT ignored, an ignored signal stays ignored across exec, and Python then installs no
+    KeyboardInterrupt handler: a server started from a CI script run in the background would
+    ignore the graceful stop (SIGINT) and be killed after the timeout."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_ready(

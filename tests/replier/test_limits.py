@@ -91,7 +91,9 @@ def test_agent_rate_is_exact_routed_to_the_chat_stores_nothing_and_resets(limite
     assert error["group_info"]["group_id"] == "g1" and error["user_info"]["user_id"] == "u1"
     assert after.message_info.message_id == "mt-reply:ag-4"
     stored = [m["message_id"] for m in ta.history("qq", group_id="g1") if m["direction"] == "in"]
-    assert stored == ["ag-0", "ag-1", "ag-2", "ag-4"]  # nothing of the refused message
+    # nothing of the refused message (as a set: messages that arrive while the stream is busy are
+    # stored at once, by whichever database worker commits first)
+    assert sorted(stored) == ["ag-0", "ag-1", "ag-2", "ag-4"]
     assert _metric(limited, "replier_throttled_total", limit="agent_messages_per_minute") == throttled_before + 1
     assert "throttled: agent_messages_per_minute" in limited.logs()
 
