@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,11 +82,47 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
     It also remembers which tenant the current transaction is bound to, so a request that makes
     several scoped calls binds once, and it sends `BEGIN` together with the binding in one round
     trip. Commit, rollback and savepoint rollback forget the binding (PostgreSQL undoes it there).
+
+    Handing out a pooled connection costs no round trip when it came back recently (`PING_AFTER_IDLE_SECONDS`):
+    peewee's pool checks every connection with `SELECT 1` on check-out, while it holds the pool's lock,
+    so every request paid one extra round trip and all threads queued behind it (docs/PERFORMANCE.md).
     """
+
+    # A connection idle for longer than this is checked with `SELECT 1` before it is handed out (it
+    # may have been cut by a restart or an idle timeout); one that came back sooner is handed out as
+    # it is. If the server dropped it in that window, the request fails as in any outage (503, and the
+    # fault handler drops the idle connections: isolation/faults.py), and the check-in discards it.
+    PING_AFTER_IDLE_SECONDS = 1.0
 
     def __init__(self, *args, app_role: str | None = None, **kwargs) -> None:
         self.app_role = app_role
+        self._returned_at: dict[int, float] = {}  # conn_key -> time.monotonic() of its last check-in
         super().__init__(*args, **kwargs)
+
+    def _is_closed(self, conn) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        if conn.closed:
+            return True
+        returned_at = self._returned_at.get(self.conn_key(conn))
+        if (
+            returned_at is not None
+            and time.monotonic() - returned_at < self.PING_AFTER_IDLE_SECONDS
+            and conn.info.transaction_status == TransactionStatus.IDLE
+        ):
+            return False
+        return super()._is_closed(conn)
+
+    def _close(self, conn, close_conn=False):
+        # Under the pool's (re-entrant) lock, as `_is_closed` is: recorded first, forgotten again by
+        # `_close_raw` when the pool closes the connection instead of keeping it.
+        with self._pool_lock:
+            self._returned_at[self.conn_key(conn)] = time.monotonic()
+            super()._close(conn, close_conn)
+
+    def _close_raw(self, conn):
+        self._returned_at.pop(self.conn_key(conn), None)
+        super()._close_raw(conn)
 
     def _connect(self):
         conn = super()._connect()

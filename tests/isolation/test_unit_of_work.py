@@ -51,6 +51,36 @@ def test_postgresql_reads_with_a_tenant_bind_it_in_a_transaction(db):
                 assert _bound_tenant() == tenant_a
 
 
+@postgres_only
+def test_a_pooled_connection_is_handed_out_again_without_a_round_trip_when_it_came_back_recently(db):
+    """peewee's pool sends `SELECT 1` on every check-out, under its lock; ours only after an idle second."""
+    from testsupport.databases import admin_url
+
+    isolation_db.close_connection()
+    with isolation_db.connection():
+        conn = db.connection()
+        pid = conn.info.backend_pid
+    with isolation_db.connection():  # back a moment ago: handed out as it is
+        assert db.connection() is conn
+    import psycopg
+
+    with psycopg.connect(_admin_conninfo(admin_url()), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    # Within the window the pool does not ask the server (a `SELECT 1` would find it cut) ...
+    assert db._is_closed(conn) is False
+    # ... after it, it does: the dead connection is dropped and a new one handed out.
+    db._returned_at[db.conn_key(conn)] -= db.PING_AFTER_IDLE_SECONDS + 1
+    with isolation_db.connection():
+        assert db.connection() is not conn and db.connection().info.backend_pid != pid
+        isolation_db.ping()
+
+
+def _admin_conninfo(url: str) -> str:
+    from testsupport.databases import _conninfo
+
+    return _conninfo(url)
+
+
 def test_a_nested_write_is_a_savepoint(db):
     tenant_id, _agents, _account = make_tenant(0)
     scoped = Scoped(IsolationContext(tenant_id))
