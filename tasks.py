@@ -427,7 +427,8 @@ def tenant_limits(
 ) -> None:
     """Set a tenant's limit overrides (only the options given change) and print its effective limits.
 
-    Running repliers apply a change within LIMITS_REFRESH_SECONDS, configurators at the next request."""
+    Configurators apply a change at the next request; running repliers at once with REDIS_URL (a
+    "tenant" change signal), else within LIMITS_REFRESH_SECONDS."""
     from isolation import IsolationContext, NotFound, Scoped
     from isolation import db as isolation_db
     from isolation.config import get_base_settings
@@ -454,6 +455,12 @@ def tenant_limits(
     finally:
         isolation_db.close_database()
     settings = get_base_settings()
+    if changes and settings.redis_url:
+        from isolation.signals import RedisPublisher, Signal
+
+        signals = RedisPublisher(settings.redis_url, settings.redis_prefix)
+        signals.publish(Signal("tenant", tenant))
+        signals.close()
     limits, base = effective(overrides, settings).as_dict(), defaults(settings)
     print(f"tenant {tenant}: effective limits (0 = unlimited)")
     for name in LIMIT_NAMES:

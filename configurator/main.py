@@ -33,6 +33,7 @@ from configurator.core.security import PasswordHasher, TokenService
 from configurator.core.tenant_limits import RestLimits
 from isolation.db import parse_database_url
 from isolation.health import HealthProbe
+from isolation.redis_counter import RedisWindowCounter
 from isolation.signals import publisher
 
 log = logging.getLogger("configurator")
@@ -97,7 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.register_limiter = limiter(
         shared, prefix, "register", settings.register_rate_limit, settings.register_rate_window_seconds
     )
-    app.state.rest_limits = RestLimits(settings)  # per-tenant requests and suspension
+    # Per-tenant requests and suspension; with REDIS_URL one count per tenant for every worker.
+    app.state.rest_limits = RestLimits(settings, RedisWindowCounter(shared, prefix) if shared is not None else None)
     app.state.database_kind = parse_database_url(settings.database_url).dialect
     app.state.health = HealthProbe.from_settings(settings)
     app.state.signals = publisher(settings.redis_url, settings.redis_prefix)

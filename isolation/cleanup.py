@@ -180,11 +180,13 @@ def _leave_tenant(account_id: str, tenant_id: str, totals: Counter[str]) -> None
     totals["memberships"] += 1
 
 
-def delete_account(account_id: str) -> dict[str, int]:
+def delete_account(account_id: str, deleted_tenants: list[str] | None = None) -> dict[str, int]:
     """Delete an account. Tenants it alone belongs to go with it; its memberships elsewhere are removed.
 
     Raises `Conflict` (and deletes nothing) when the account is the only owner of a tenant that has
-    other members: that tenant must be handed over or deleted first.
+    other members: that tenant must be handed over or deleted first. The ids of the tenants deleted
+    (each committed) are appended to `deleted_tenants`, so the caller can tell the repliers to close
+    their connections.
     """
     sole_tenants: list[str] = []
     shared_tenants: list[str] = []
@@ -208,6 +210,8 @@ def delete_account(account_id: str) -> dict[str, int]:
     totals["accounts"] = 0
     for tenant_id in sole_tenants:
         totals.update(delete_tenant(tenant_id))
+        if deleted_tenants is not None:
+            deleted_tenants.append(tenant_id)
     for tenant_id in shared_tenants:
         _leave_tenant(account_id, tenant_id, totals)
     with unit_of_work(write=True):

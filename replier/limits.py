@@ -57,6 +57,7 @@ from isolation.limits import (
     window_start,
 )
 from isolation.operators import tenant_controls
+from isolation.redis_counter import AsyncRedisWindowCounter, async_client
 from replier.connections import Connection, ConnectionRegistry
 from replier.core.config import ReplierSettings
 from replier.logthrottle import ThrottledLog
@@ -160,7 +161,13 @@ class TenantLimiter:
         self.connections = connections
         self.outbox = outbox
         self.process_id = "rep_" + secrets.token_hex(8)
-        self.messages = FixedWindowCounter()
+        self.messages = FixedWindowCounter()  # without REDIS_URL; with it, the fallback during an outage
+        # With REDIS_URL the message rates are one count for every replier of the deployment.
+        self.shared_messages: AsyncRedisWindowCounter | None = None
+        if settings.redis_url:
+            self.shared_messages = AsyncRedisWindowCounter(
+                async_client(settings.redis_url), settings.redis_prefix, fallback=self.messages
+            )
         self.tokens = FixedWindowCounter()
         self.open: Counter[str] = Counter()  # open connections per tenant
         self._entries: dict[str, _Entry] = {}
@@ -192,6 +199,26 @@ class TenantLimiter:
         controls = await self.store.run(tenant_controls, [tenant_id])
         self._apply(controls)
         await self._seed([tenant_id])
+
+    async def reload(self, tenant_id: str) -> int:
+        """The operator changed the tenant (a signal said so, `replier.signals`): read its limits and
+        status now and close its connections here if it is suspended. A deleted tenant is forgotten
+        (its connections are closed by the revocation check: their keys are gone). Returns how many
+        connections were closed."""
+        controls = await self.store.run(tenant_controls, [tenant_id])
+        if tenant_id not in controls:
+            self._entries.pop(tenant_id, None)
+            return 0
+        self._apply(controls)
+        if self.suspended(tenant_id):
+            return await self._close_tenant(tenant_id)
+        if tenant_id in self.open:
+            await self._seed([tenant_id])
+        return 0
+
+    async def aclose(self) -> None:
+        if self.shared_messages is not None:
+            await self.shared_messages.aclose()
 
     def _apply(self, controls: dict[str, TenantControl]) -> None:
         now = time.monotonic()
@@ -233,7 +260,10 @@ class TenantLimiter:
             (("agent", tenant_id, conn.agent_id), limits.agent_messages_per_minute),
             (("tenant", tenant_id), limits.messages_per_minute),
         ]
-        refusal = self.messages.take(checks, window)
+        if self.shared_messages is not None:
+            refusal = await self.shared_messages.take(checks, window)
+        else:
+            refusal = self.messages.take(checks, window)
         if refusal is None:
             return True
         name = ("agent_messages_per_minute", "messages_per_minute")[refusal.index]
@@ -308,12 +338,13 @@ class TenantLimiter:
         await self._report_presence(now)
         self._update_metrics(active)
 
-    async def _close_tenant(self, tenant_id: str) -> None:
+    async def _close_tenant(self, tenant_id: str) -> int:
         conns = [c for c in self.connections.by_sid.values() if c.tenant_id == tenant_id]
         if conns:
             log.info("closing %d connections of suspended tenant %s", len(conns), tenant_id)
         for conn in conns:
             await self.outbox.close(conn, "tenant_suspended", SUSPENDED_REASON)
+        return len(conns)
 
     async def _report_presence(self, now: float) -> None:
         heartbeat = now - self._heartbeat_at >= PRESENCE_HEARTBEAT_SECONDS

@@ -135,7 +135,10 @@ class Replier:
         self.gate.forget_cached(signal.tenant_id, key_id=signal.key_id, agent_id=signal.agent_id)
         if signal.kind != "key":
             self.answerer.cache.forget_agent(signal.tenant_id, signal.agent_id)
-        return await self.gate.check_revocations(signal.tenant_id)
+        closed = 0
+        if signal.kind == "tenant":  # limits, suspension, resumption or deletion by the operator or owner
+            closed = await self.limits.reload(signal.tenant_id)
+        return closed + await self.gate.check_revocations(signal.tenant_id)
 
     def hurry(self) -> None:
         """A second stop signal: the drain waits at most `SHUTDOWN_FORCE_SECONDS` more (the store
@@ -197,6 +200,7 @@ class Replier:
         await self.gate.usage.flush()
         await self.providers.aclose()
         await self.streams.locks.aclose()
+        await self.limits.aclose()
 
     # -- background loops -------------------------------------------------------------------
     @staticmethod

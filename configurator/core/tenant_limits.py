@@ -5,10 +5,12 @@ which reads the membership, the tenant's status and its request-limit override i
 then asks `RestLimits.admit`: a suspended tenant gets 403 `tenant_suspended`; a tenant over
 `requests_per_minute` (its override, else `TENANT_REQUESTS_PER_MINUTE`) in the current window
 (`LIMIT_WINDOW_SECONDS`) gets 429 `rate_limited` with `Retry-After`. Requests refused for the limit
-are not counted. Counts are per configurator process (`isolation.limits.FixedWindowCounter`): with
-several workers the effective limit is per worker. Login, registration and token refresh are not
-tenant requests (they have their own limits, configurator/core/ratelimit.py); operator routes do not
-count toward the operator's own tenant.
+are not counted. With REDIS_URL the count is in Redis (`isolation.redis_counter.RedisWindowCounter`:
+one count per tenant for every worker and host; during a Redis outage each worker counts on its own);
+without it, per configurator process (`isolation.limits.FixedWindowCounter`). The count is a blocking
+call: `Principal.session` runs in the route's worker thread, never on the event loop. Login,
+registration and token refresh are not tenant requests (they have their own limits,
+configurator/core/ratelimit.py); operator routes do not count toward the operator's own tenant.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from datetime import UTC, datetime
 
 from configurator.core.errors import ApiError
 from isolation.config import BaseServiceSettings
-from isolation.limits import PRESENCE_TTL_SECONDS, SUSPENDED, FixedWindowCounter, defaults, effective, window_start
+from isolation.limits import (
+    PRESENCE_TTL_SECONDS,
+    SUSPENDED,
+    FixedWindowCounter,
+    WindowCounter,
+    defaults,
+    effective,
+    window_start,
+)
 from isolation.managers.tenancy import TenantManager
 
 log = logging.getLogger("configurator")
@@ -30,7 +40,7 @@ THROTTLE_LOG_SECONDS = 60.0  # one line per tenant and interval when it hits its
 
 
 class RestLimits:
-    def __init__(self, settings: BaseServiceSettings, counter: FixedWindowCounter | None = None) -> None:
+    def __init__(self, settings: BaseServiceSettings, counter: WindowCounter | None = None) -> None:
         self.default = settings.tenant_requests_per_minute
         self.window = settings.limit_window_seconds
         self.counter = counter if counter is not None else FixedWindowCounter()

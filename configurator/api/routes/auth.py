@@ -16,7 +16,15 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from configurator.api.deps import CurrentPrincipal, Principal, SettingsDep, TokensDep, membership_role, valid_id
+from configurator.api.deps import (
+    CurrentPrincipal,
+    Principal,
+    SettingsDep,
+    SignalsDep,
+    TokensDep,
+    membership_role,
+    valid_id,
+)
 from configurator.core.config import Settings
 from configurator.core.db import connection
 from configurator.core.errors import ApiError, forbidden, responses, unauthorized
@@ -37,6 +45,7 @@ from configurator.schemas import (
 from isolation import IsolationContext, NotFound, Scoped, system
 from isolation.cleanup import delete_account
 from isolation.db import unit_of_work
+from isolation.signals import Publisher, Signal
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -232,15 +241,18 @@ def me(principal: CurrentPrincipal) -> MeResponse:
 
 
 @router.delete("/me", response_model=DeletedCounts, responses=responses(401, 409, 413, 422))
-async def delete_me(principal: CurrentPrincipal, body: DeleteAccountRequest, hasher: HasherDep) -> DeletedCounts:
+async def delete_me(
+    principal: CurrentPrincipal, body: DeleteAccountRequest, hasher: HasherDep, signals: SignalsDep
+) -> DeletedCounts:
     """Delete the signed-in account (the password confirms it). Tenants it alone belongs to are
-    deleted with all their data; its memberships in other tenants are removed. 409 when it is the
-    only owner of a tenant that has other members."""
+    deleted with all their data, and their replier connections closed (on every replier at once with
+    REDIS_URL); its memberships in other tenants are removed. 409 when it is the only owner of a
+    tenant that has other members."""
     stored_hash = await run_in_threadpool(_stored_hash_of_member, principal)
     valid, _new_hash = await hasher.verify_async(body.password, stored_hash)
     if not valid:
         raise unauthorized("password does not match")
-    return await run_in_threadpool(_delete_account, principal.account_id)
+    return await run_in_threadpool(_delete_account, principal.account_id, signals)
 
 
 def _stored_hash_of_member(principal: Principal) -> str | None:
@@ -251,6 +263,13 @@ def _stored_hash_of_member(principal: Principal) -> str | None:
     return found[1] if found else None
 
 
-def _delete_account(account_id: str) -> DeletedCounts:
-    with connection():
-        return DeletedCounts(deleted=delete_account(account_id))
+def _delete_account(account_id: str, signals: Publisher) -> DeletedCounts:
+    """Delete the account, then signal each deleted tenant (also when a later step failed: what was
+    deleted is committed). A blocking publish: this runs in a worker thread."""
+    deleted: list[str] = []
+    try:
+        with connection():
+            return DeletedCounts(deleted=delete_account(account_id, deleted))
+    finally:
+        for tenant_id in deleted:
+            signals.publish(Signal("tenant", tenant_id))

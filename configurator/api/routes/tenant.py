@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from configurator.api.deps import ADMIN, OWNER, CurrentPrincipal, SettingsDep
+from configurator.api.deps import ADMIN, OWNER, CurrentPrincipal, SettingsDep, SignalsDep
 from configurator.core.errors import responses
 from configurator.core.sizes import check_json_sizes
 from configurator.core.tenant_limits import usage_today
 from configurator.schemas import DeletedCounts, TenantOut, TenantStats, TenantUpdate
 from isolation.cleanup import delete_tenant
 from isolation.limits import effective
+from isolation.signals import Signal
 
 router = APIRouter(prefix="/tenant", tags=["tenant"])
 
@@ -44,8 +45,11 @@ def tenant_stats(principal: CurrentPrincipal, settings: SettingsDep) -> dict:
 
 
 @router.delete("", response_model=DeletedCounts, responses=responses(401, 403))
-def remove_tenant(principal: CurrentPrincipal) -> DeletedCounts:
+def remove_tenant(principal: CurrentPrincipal, signals: SignalsDep) -> DeletedCounts:
     """Delete the tenant and all of its data (agents, keys, history, memberships, sessions).
-    Accounts stay; tokens for this tenant stop working at once."""
+    Accounts stay; tokens for this tenant stop working at once, and so do its replier connections
+    (on every replier at once with REDIS_URL, else at each one's next revocation check)."""
     with principal.session(OWNER, write=True) as session:
-        return DeletedCounts(deleted=delete_tenant(session.tenant_id))
+        counts = delete_tenant(session.tenant_id)
+    signals.publish(Signal("tenant", principal.tenant_id))
+    return DeletedCounts(deleted=counts)
