@@ -5,6 +5,7 @@ When Redis fails, each worker falls back to counting alone, with one warning."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -136,3 +137,17 @@ def test_the_limiter_reconnects_when_redis_comes_back(redis_url):
         assert limiter.acquire(("account", "a1")) in range(1, 31)
     finally:
         private.stop()
+
+
+def test_a_tenant_request_limit_is_one_limit_for_every_worker(provisioned, redis_url):
+    """requests_per_minute counted in Redis: 4 requests in total pass, on whichever worker."""
+    with workers(provisioned, redis_url, tenant_requests_per_minute=4, limit_window_seconds=3600.0) as pair:
+        user = register(pair[0])
+        left = 3600 - time.time() % 3600
+        if left < 10:  # the requests must fall in one window (aligned to the epoch)
+            time.sleep(left + 0.05)
+        statuses = [pair[i % 2].get("/api/v1/agents", headers=user.headers).status_code for i in range(7)]
+        assert statuses == [200] * 4 + [429] * 3
+        refused = pair[1].get("/api/v1/agents", headers=user.headers)
+        assert refused.json()["error"]["details"]["limit"] == "requests_per_minute"
+        assert 1 <= int(refused.headers["retry-after"]) <= 3600

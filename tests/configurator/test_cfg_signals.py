@@ -1,4 +1,4 @@
-"""With REDIS_URL the configurator tells every replier about key and agent changes (isolation/signals.py):
+"""With REDIS_URL the configurator tells every replier about key, agent and tenant changes (isolation/signals.py):
 one event per committed change, ids only, on the deployment's channel; nothing for a refused change."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import time
 
 import pytest
 import redis
-from cfg_helpers import create_agent, create_key, make_settings, register
+from cfg_helpers import PASSWORD, create_agent, create_key, make_settings, register
 from fastapi.testclient import TestClient
 
 from configurator.main import create_app
+from isolation.operators import set_operator
 from isolation.signals import NullPublisher, signals_channel
 from testsupport.redis_server import require_redis, unique_prefix
 
@@ -81,3 +82,32 @@ def test_refused_changes_publish_nothing(signalling):
 def test_without_redis_nothing_is_published(app):
     assert isinstance(app.state.signals, NullPublisher)
     assert app.state.signals.publish(None) is None
+
+
+def test_tenant_changes_publish_a_tenant_signal(signalling, provisioned):
+    """Limits, suspension and resumption by an operator, and a tenant deleted by its owner or with
+    its only account: every replier must re-read that tenant (and close its connections) at once."""
+    client, listener = signalling
+    operator = register(client, prefix="sig")
+    set_operator(provisioned.admin_url, operator.username)
+    customer = register(client, prefix="sig")
+    event = {"kind": "tenant", "tenant_id": customer.tenant_id}
+    ops = f"/api/v1/operator/tenants/{customer.tenant_id}"
+    response = client.put(f"{ops}/limits", json={"messages_per_minute": 5}, headers=operator.headers)
+    assert response.status_code == 200
+    assert heard(listener) == [event]
+    assert client.post(f"{ops}/suspend", headers=operator.headers).status_code == 200
+    assert heard(listener) == [event]
+    assert client.post(f"{ops}/resume", headers=operator.headers).status_code == 200
+    assert heard(listener) == [event]
+    # Not an operator: refused, nothing published.
+    assert client.post(f"{ops}/suspend", headers=customer.headers).status_code == 403
+    assert heard(listener, 0.5) == []
+
+    assert client.delete("/api/v1/tenant", headers=customer.headers).status_code == 200
+    assert heard(listener) == [event]
+
+    leaving = register(client, prefix="sig")
+    response = client.request("DELETE", "/api/v1/auth/me", json={"password": PASSWORD}, headers=leaving.headers)
+    assert response.status_code == 200, response.text
+    assert heard(listener) == [{"kind": "tenant", "tenant_id": leaving.tenant_id}]

@@ -2,24 +2,39 @@
 replier at once (isolation/signals.py, replier/signals.py).
 
 Two real repliers on the leg's database and the machine's Redis (a channel prefix of this test's own).
-The periodic revocation check is set to 10 minutes, so only a signal can close a connection in time.
+The periodic revocation check and the limits refresh are set to 10 and 1 minutes, so only a signal can
+close a connection in time. Message rates are counted in Redis: one limit for both repliers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import httpx
 import pytest
 import redis
-from replier_support import MaimClient, ReplierProcess, api_message, make_tenant, run, wait_for
+from replier_support import (
+    MaimClient,
+    ReplierProcess,
+    api_message,
+    make_tenant,
+    run,
+    socketio_connect,
+    wait_for,
+)
 
 from isolation import IsolationContext, Scoped
 from isolation.signals import RedisPublisher, Signal, signals_channel
 from testsupport.redis_server import PrivateRedis, require_redis, unique_prefix
 
-SLOW_CHECK = {"REVOCATION_CHECK_SECONDS": "600", "AGENT_CACHE_SECONDS": "600", "KEY_CACHE_SECONDS": "600"}
+SLOW_CHECK = {
+    "REVOCATION_CHECK_SECONDS": "600",
+    "AGENT_CACHE_SECONDS": "600",
+    "KEY_CACHE_SECONDS": "600",
+    "LIMITS_REFRESH_SECONDS": "60",
+}
 
 
 def health(server: ReplierProcess) -> dict:
@@ -163,6 +178,8 @@ def test_redis_outage_falls_back_and_resubscribes(provisioned, configured_db):
 
         run(scenario())
         assert "Redis unreachable" in server.logs()
+        # The message above was counted in the process (its rate limits fall back, once logged).
+        assert server.logs().count("tenant limits: Redis failed") == 1
         assert "subscribed to Redis again" in server.logs()
     finally:
         server.stop()
@@ -180,3 +197,80 @@ def test_publisher_failure_is_logged_not_raised(caplog):
     assert "could not publish a key change of tenant t_1" in text
     assert "hunter2secret" not in text and "127.0.0.1" not in text
     asyncio.run(asyncio.sleep(0))
+
+
+async def _answer(client: MaimClient, timeout: float = 10.0) -> tuple[str, object]:
+    """("reply", message) or ("error", payload): whichever the server sends first."""
+    reply = asyncio.create_task(client.replies.get())
+    error = asyncio.create_task(client.errors.get())
+    done, pending = await asyncio.wait({reply, error}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    assert done, "neither a reply nor an error"
+    return ("error", error.result()) if error in done else ("reply", reply.result()[0])
+
+
+def test_a_tenant_message_limit_is_one_limit_across_both_repliers(pair):
+    _prefix, servers = pair
+    tenant = make_tenant()
+    Scoped(IsolationContext(tenant.tenant_id)).tenant.set_limits(
+        {"messages_per_minute": 3, "agent_messages_per_minute": 0}
+    )
+
+    async def scenario() -> list[tuple[str, object]]:
+        clients = [await MaimClient(s.url, tenant.secret).start() for s in servers]
+        try:
+            left = 60 - time.time() % 60
+            if left < 10:  # the four messages must fall in one window (of 60 s, aligned to the epoch)
+                await asyncio.sleep(left + 0.05)
+            answers = []
+            for i in range(4):
+                client = clients[i % 2]
+                await client.send(api_message(f"m{i}", message_id=f"shared-{i}", user_id=f"u{i % 2}"))
+                answers.append(await _answer(client))
+            return answers
+        finally:
+            for client in clients:
+                await client.stop()
+
+    answers = run(scenario())
+    assert [kind for kind, _ in answers] == ["reply", "reply", "reply", "error"]
+    error = answers[3][1]
+    assert error["code"] == "rate_limited" and error["limit"] == "messages_per_minute"
+    assert error["message_id"] == "shared-3" and 1 <= error["retry_after"] <= 60
+    stored = [m["message_id"] for m in tenant.history("qq", user_id="u1") if m["direction"] == "in"]
+    assert stored == ["shared-1"]  # nothing of the refused one
+
+
+def test_suspension_and_resumption_reach_both_repliers_at_once(pair, redis_url):
+    prefix, servers = pair
+    tenant, other = make_tenant(), make_tenant()
+    manager = Scoped(IsolationContext(tenant.tenant_id)).tenant
+    publisher = RedisPublisher(redis_url, prefix)
+
+    async def scenario() -> tuple[float, str]:
+        clients = [await MaimClient(s.url, tenant.secret).start() for s in servers]
+        bystander = await MaimClient(servers[0].url, other.secret).start()
+        try:
+            manager.set_status("suspended")
+            publisher.publish(Signal("tenant", tenant.tenant_id))
+            started = time.monotonic()
+            await wait_for(lambda: [health(s)["connections"] for s in servers] == [1, 0], interval=0.02)
+            elapsed = time.monotonic() - started
+            assert bystander.client.is_connected()
+            refused = await MaimClient(servers[1].url, tenant.secret).refused()
+            manager.set_status("active")
+            received = health(servers[1])["signals"]["received"]
+            publisher.publish(Signal("tenant", tenant.tenant_id))
+            await wait_for(lambda: health(servers[1])["signals"]["received"] > received)
+            # Without the signal the refused connect's reading would stand for LIMITS_REFRESH_SECONDS (60).
+            assert await socketio_connect(servers[1].url, {"x-apikey": tenant.secret, "x-platform": "qq"}) is None
+            return elapsed, refused
+        finally:
+            for client in [*clients, bystander]:
+                await client.stop()
+
+    elapsed, refused = run(scenario())
+    publisher.close()
+    assert elapsed < 1.0, f"closed {elapsed:.2f} s after the signal"
+    assert "suspended by the operator" in refused
