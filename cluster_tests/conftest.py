@@ -62,6 +62,8 @@ def cluster(provisioned, configured_db) -> Iterator[Cluster]:
     env = {
         "DATABASE_APP_ROLE": provisioned.app_role,
         "REVOCATION_CHECK_SECONDS": "600",  # only a signal can close a revoked key's connections in time
+        "LIMITS_REFRESH_SECONDS": "60",  # ... or a suspended tenant's
+        "LIMIT_WINDOW_SECONDS": "3600",  # the limit tests' counts fall in one window
         "LOGIN_RATE_LIMIT": str(LOGIN_LIMIT),
         "PASSWORD_HASH_TIME_COST": "1",
         "PASSWORD_HASH_MEMORY_KIB": "8192",

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import httpx
 from maim_message import RouteConfig, Router, TargetConfig
-from replier_support import MaimClient, api_message, legacy_message, run, wait_for
+from replier_support import MaimClient, api_message, legacy_message, run, socketio_connect, wait_for
 
 from isolation import IsolationContext, Scoped
+from isolation.operators import set_operator
 from testsupport.cluster import Cluster
 from testsupport.redis_server import TEST_REDIS_URL
 from testsupport.servers import free_port, pid_alive
@@ -207,6 +208,110 @@ def test_login_limit_is_shared_by_the_configurator_workers(cluster):
         for _ in range(limit * 3)
     ]
     assert statuses == [401] * limit + [429] * (limit * 2)
+
+
+def _fresh_window(window: float, room: float = 10.0) -> None:
+    """Wait for the next window (aligned to the epoch) when less than `room` seconds are left of this one,
+    so what a test counts falls in one window."""
+    left = window - time.time() % window
+    if left < room:
+        time.sleep(left + 0.05)
+
+
+async def _answer(client: MaimClient, timeout: float = 15.0) -> tuple[str, object]:
+    """("reply", message) or ("error", payload): whichever the replier sends first."""
+    reply = asyncio.create_task(client.replies.get())
+    error = asyncio.create_task(client.errors.get())
+    done, pending = await asyncio.wait({reply, error}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    assert done, "neither a reply nor an error"
+    return ("error", error.result()) if error in done else ("reply", reply.result()[0])
+
+
+def test_a_tenant_message_limit_is_enforced_once_across_both_repliers(cluster):
+    """messages_per_minute 3, counted in Redis: 3 messages pass in total, alternating between the two
+    repliers, and the 4th is refused `rate_limited` on whichever replier it reaches."""
+    tenant = Tenant(cluster)
+    Scoped(IsolationContext(tenant.tenant_id)).tenant.set_limits(
+        {"messages_per_minute": 3, "agent_messages_per_minute": 0}
+    )
+
+    async def scenario() -> list[tuple[str, object]]:
+        placed = await connect_spread(cluster, tenant.secret, 2)
+        assert sorted(where for _, where in placed) == [0, 1]
+        try:
+            _fresh_window(float(cluster.env["LIMIT_WINDOW_SECONDS"]))
+            answers = []
+            for i in range(5):
+                client = placed[i % 2][0]
+                await client.send(api_message(f"m{i}", message_id=f"lim-{i}", user_id=f"u{i % 2}"))
+                answers.append(await _answer(client))
+            return answers
+        finally:
+            for client, _ in placed:
+                await client.stop()
+
+    answers = run(scenario())
+    assert [kind for kind, _ in answers] == ["reply"] * 3 + ["error"] * 2
+    for _, error in answers[3:]:
+        assert error["code"] == "rate_limited" and error["limit"] == "messages_per_minute"
+    stored = {m["message_id"] for n in range(2) for m in tenant.history("qq", f"u{n}") if m["direction"] == "in"}
+    assert stored == {"lim-0", "lim-1", "lim-2"}  # nothing of the refused ones
+
+
+def test_a_tenant_request_limit_is_shared_by_the_configurator_workers(cluster):
+    """requests_per_minute 5, counted in Redis: 5 requests pass in total, each on a new connection
+    (so the kernel hands them to either worker), then 429 with Retry-After."""
+    username = f"r{uuid.uuid4().hex[:10]}"
+    response = httpx.post(
+        f"{cluster.configurator_url}/api/v1/auth/register",
+        json={"username": username, "email": f"{username}@example.com", "password": PASSWORD},
+        timeout=30,
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    Scoped(IsolationContext(body["tenant"]["id"])).tenant.set_limits({"requests_per_minute": 5})
+    headers = {"Authorization": f"Bearer {body['tokens']['access_token']}"}
+    _fresh_window(float(cluster.env["LIMIT_WINDOW_SECONDS"]))
+    answers = [httpx.get(f"{cluster.configurator_url}/api/v1/agents", headers=headers, timeout=30) for _ in range(8)]
+    assert [a.status_code for a in answers] == [200] * 5 + [429] * 3
+    assert answers[-1].json()["error"]["details"]["limit"] == "requests_per_minute"
+    assert int(answers[-1].headers["retry-after"]) >= 1
+
+
+def test_suspension_by_the_operator_closes_the_tenant_on_every_replier_within_a_second(cluster, provisioned):
+    """LIMITS_REFRESH_SECONDS is 60 here: only the Redis signal can close them in time. Resuming lets
+    the tenant back at once."""
+    operator = Tenant(cluster)
+    set_operator(provisioned.admin_url, operator.username)
+    tenant = Tenant(cluster)
+    ops = f"/operator/tenants/{tenant.tenant_id}"
+
+    async def scenario() -> tuple[float, float]:
+        placed = await connect_spread(cluster, tenant.secret, 2)
+        assert sorted(where for _, where in placed) == [0, 1]
+        try:
+            response = operator.http.post(f"{ops}/suspend")
+            assert response.status_code == 200, response.text
+            suspended = time.monotonic()
+            await wait_for(lambda: connections(cluster) == [0, 0], timeout=5, interval=0.02)
+            elapsed = time.monotonic() - suspended
+        finally:
+            for client, _ in placed:
+                await client.stop()
+        headers = {"x-apikey": tenant.secret, "x-platform": "qq"}
+        assert "suspended" in (await socketio_connect(cluster.replier_url, headers))["message"]
+        assert operator.http.post(f"{ops}/resume").status_code == 200
+        resumed = time.monotonic()
+        while await socketio_connect(cluster.replier_url, headers) is not None:  # the signal is on its way
+            assert time.monotonic() - resumed < 1.0, "still refused a second after the resumption"
+            await asyncio.sleep(0.02)
+        return elapsed, time.monotonic() - resumed
+
+    elapsed, back = run(scenario())
+    assert elapsed < 1.0, f"connections closed {elapsed:.2f} s after the suspension"
+    assert back < 1.0
 
 
 def _invoke(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
