@@ -11,11 +11,14 @@ operator may override per tenant (the `tenants.limit_*` columns, NULL = the defa
 | `tokens_per_day` | replier | LLM tokens (prompt + completion) per tenant and budget day |
 | `requests_per_minute` | configurator | authenticated API requests per tenant and window |
 
-Counting is in process (`FixedWindowCounter`): each replier or configurator process counts on its
-own, so with N processes a tenant may get up to N times a rate limit. Only the token budget survives a
-restart: it is seeded from the tenant's `llm_usage` rows of the budget day. A shared backend (Redis,
-the scale-out issue) implements `WindowCounter` with the same keys (INCR + EXPIRE on
-`key:window_start`); callers do not change.
+Where each is counted (docs/OPERATORS.md, "Counting"):
+- the message rates and `requests_per_minute`: in Redis with REDIS_URL
+  (`isolation.redis_counter`: one count for every replier and configurator worker, an INCRBY + PEXPIRE
+  per `key:window_start` in one Lua script), in this process (`FixedWindowCounter`) without it and
+  during a Redis outage (then each process enforces the limit on its own);
+- `connections`: by each replier in its own process (with N repliers, up to N times the limit);
+- `tokens_per_day`: in each replier, seeded from the tenant's `llm_usage` rows of the budget day, so a
+  restart does not reset it (each replier adds only its own calls after the seed).
 """
 
 from __future__ import annotations
@@ -129,8 +132,9 @@ class Refusal:
 class WindowCounter(Protocol):
     """Counts events per key in fixed windows. `take` is check-and-count in one step.
 
-    The in-process `FixedWindowCounter` implements it; a Redis backend would too (a Lua script over
-    INCRBY/EXPIRE per `key:window_start`), so that several processes share one count.
+    The in-process `FixedWindowCounter` implements it, and so does `isolation.redis_counter.RedisWindowCounter`
+    (a Lua script over INCRBY/PEXPIRE per `key:window_start`), so that several processes share one
+    count; `AsyncRedisWindowCounter` is the same with awaited methods, for an event loop.
     """
 
     def take(self, checks: list[tuple[Hashable, int]], window: float, amount: int = 1) -> Refusal | None: ...

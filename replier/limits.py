@@ -20,13 +20,16 @@ What is enforced where (the limits and their defaults: `isolation.limits`):
   check is "used < budget": the call that crosses the budget completes. Tokens are those `llm_usage`
   records (memory extraction calls are not counted). Offline agents use no tokens and are not limited.
 
-Counting is per process (`FixedWindowCounter`, bounded: least recent keys dropped beyond 100,000):
-with several repliers a tenant may get up to that many times a rate or connection limit (a Redis
-`WindowCounter` is the scale-out issue's). The token budget is seeded from the tenant's `llm_usage`
-rows of the budget day when its limits are first loaded and at each new budget day, so a restart does
-not reset it. Operators' overrides and suspensions are re-read every `LIMITS_REFRESH_SECONDS` for
-every tenant with open connections (one `mt_tenant_controls` round trip); a newly suspended tenant's
-connections are closed then. Each refresh also reports this process's open connections per tenant
+Message rates are counted in Redis with REDIS_URL (`isolation.redis_counter.AsyncRedisWindowCounter`,
+awaited on the loop: one count for every replier), else, and during a Redis outage, in this process
+(`FixedWindowCounter`, bounded: least recent keys dropped beyond 100,000). Connections are counted
+per process: with several repliers a tenant may hold up to that many times its limit. The token
+budget is seeded from the tenant's `llm_usage` rows of the budget day when its limits are first
+loaded and at each new budget day, so a restart does not reset it. Operators' overrides and
+suspensions reach this replier at once as a "tenant" change signal (REDIS_URL, `reload`), and are
+re-read every `LIMITS_REFRESH_SECONDS` for every tenant with open connections (one
+`mt_tenant_controls` round trip; the fallback without Redis); a suspended tenant's connections are
+closed then. Each refresh also reports this process's open connections per tenant
 (`replier_presence`, for the usage endpoints) when they changed, and all of them every
 `PRESENCE_HEARTBEAT_SECONDS`.
 
