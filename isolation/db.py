@@ -76,12 +76,20 @@ class _TenantTrackingSavepoint(_savepoint):
         super().rollback(begin)
 
 
+_BIND_SQL = "SELECT set_config('app.tenant_id', %s, true)"
+
+
 class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
     """Pooled PostgreSQL whose every new connection switches to the non-owner application role.
 
     It also remembers which tenant the current transaction is bound to, so a request that makes
-    several scoped calls binds once, and it sends `BEGIN` together with the binding in one round
-    trip. Commit, rollback and savepoint rollback forget the binding (PostgreSQL undoes it there).
+    several scoped calls binds once. `BEGIN` and the tenant binding are not sent on their own: they
+    wait as the transaction's *prelude* and go out with its next statement in one psycopg pipeline
+    (one round trip: `BEGIN`, `set_config`, the statement, in this order, and a statement after a
+    failed one is not run). Every way to the server (`execute_sql`, `cursor()`) sends the prelude
+    first, so no statement runs without the binding that precedes it. A transaction that sent
+    nothing ends without a round trip. Commit, rollback and savepoint rollback forget the binding
+    (PostgreSQL undoes it there).
 
     Handing out a pooled connection costs no round trip when it came back recently (`PING_AFTER_IDLE_SECONDS`):
     peewee's pool checks every connection with `SELECT 1` on check-out, while it holds the pool's lock,
@@ -133,36 +141,86 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
                 cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(self.app_role)))
         return conn
 
+    # -- the prelude: BEGIN and the binding, sent with the next statement ---------------------
+    def _take_prelude(self) -> list[tuple[str, tuple | None]]:
+        prelude = getattr(self._state, "prelude", None)
+        if prelude:
+            self._state.prelude = []
+        return prelude or []
+
+    def cursor(self, named_cursor=None):
+        """A cursor, after the pending prelude was sent (direct cursor users such as `executemany`)."""
+        cursor = super().cursor(named_cursor)
+        prelude = self._take_prelude()
+        if prelude:
+            with __exception_wrapper__, self._state.conn.pipeline():
+                for statement, params in prelude:
+                    cursor.execute(statement, params)
+        return cursor
+
+    def _execute_cursor(self, sql, params, **cursor_options):
+        prelude = self._take_prelude()
+        if not prelude:
+            return super()._execute_cursor(sql, params, **cursor_options)
+        self._log_query(sql, params)
+        with __exception_wrapper__:
+            cursor = super().cursor()
+            with self._state.conn.pipeline():
+                for statement, prelude_params in prelude:
+                    cursor.execute(statement, prelude_params)
+                cursor.execute(sql, params or ())
+        return cursor
+
     def begin(self, isolation_level=None):
         pending = getattr(self._state, "pending_tenant", None)
         self._state.pending_tenant = None
         self._state.bound_tenant = None
-        if pending is None or isolation_level is not None:
+        self._state.prelude = []
+        if isolation_level is not None:
             return super().begin(isolation_level)
-        from psycopg import sql
+        if self.is_closed():  # connect now, as sending BEGIN would: connecting resets the transaction stack
+            self.connect()
+        self._state.prelude = [("BEGIN", None)]
+        if pending is not None:
+            self._state.prelude.append((_BIND_SQL, (pending,)))
+            self._state.bound_tenant = pending
 
-        # No parameters: psycopg sends this with the simple query protocol, both statements at once.
-        statement = sql.SQL("BEGIN; SELECT set_config('app.tenant_id', {}, true)").format(sql.Literal(pending))
-        with __exception_wrapper__:
-            self.cursor().execute(statement)
-        self._state.bound_tenant = pending
+    def _end(self) -> bool:
+        """Forget the binding and the prelude; whether the server has a transaction to end."""
+        self._state.bound_tenant = None
+        prelude = self._take_prelude()
+        return not (prelude and prelude[0][0] == "BEGIN")
 
     def commit(self):
-        self._state.bound_tenant = None
-        return super().commit()
+        if self._end():
+            return super().commit()
+        return None
 
     def rollback(self):
-        self._state.bound_tenant = None
-        return super().rollback()
+        if self._end():
+            return super().rollback()
+        return None
+
+    def close(self):
+        self._state.prelude = []
+        return super().close()
 
     def savepoint(self):
         return _TenantTrackingSavepoint(self)
 
     def bind(self, tenant_id: str) -> None:
-        if self.in_transaction() and getattr(self._state, "bound_tenant", None) == tenant_id:
+        in_transaction = self.in_transaction()
+        if in_transaction and getattr(self._state, "bound_tenant", None) == tenant_id:
             return
-        self.execute_sql("SELECT set_config('app.tenant_id', %s, true)", (tenant_id,))
-        self._state.bound_tenant = tenant_id if self.in_transaction() else None
+        if not in_transaction:
+            self.execute_sql(_BIND_SQL, (tenant_id,))
+            self._state.bound_tenant = None
+            return
+        # Nothing ran since an unsent binding: it is replaced, only the last one counts.
+        prelude = [item for item in getattr(self._state, "prelude", None) or [] if item[0] is not _BIND_SQL]
+        prelude.append((_BIND_SQL, (tenant_id,)))
+        self._state.prelude = prelude
+        self._state.bound_tenant = tenant_id
 
 
 def _sqlite(path: str, busy_timeout_ms: int) -> SqliteDatabase:

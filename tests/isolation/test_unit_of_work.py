@@ -137,3 +137,78 @@ def test_managers_and_the_replier_write_chat_rows_the_same_way(db):
     with pytest.raises(InvalidValueError):
         Scoped(ctx).llm_usage.record(**(usage | {"error": "\x00"}))
     assert Scoped(ctx).messages.count() == 2
+
+
+class _WireTrace:
+    """libpq's own protocol trace of this thread's connection: counts what the client sends."""
+
+    def __init__(self, db, path) -> None:
+        self.db, self.path = db, path
+
+    def __enter__(self):
+        self.file = open(self.path, "w")
+        self.pgconn = self.db.connection().pgconn
+        self.pgconn.trace(self.file.fileno())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pgconn.untrace()
+        self.file.close()
+
+    def sent(self) -> list[str]:
+        with open(self.path) as fh:
+            return [line.split("\t")[3].strip() for line in fh if line.split("\t")[1:2] == ["F"]]
+
+    def round_trips(self) -> int:
+        """Each round trip ends with a Sync (extended protocol, pipelines) or is one Query."""
+        return sum(1 for kind in self.sent() if kind in ("Sync", "Query"))
+
+
+@postgres_only
+def test_begin_and_the_binding_go_with_the_first_statement_and_an_empty_transaction_sends_nothing(db, tmp_path):
+    tenant_a, _agents, _account = make_tenant(0)
+    with isolation_db.connection():
+        with _WireTrace(db, tmp_path / "one") as trace, isolation_db.unit_of_work(tenant_a):
+            assert _bound_tenant() == tenant_a
+        assert trace.round_trips() == 2  # BEGIN + binding + the statement, then COMMIT
+        with _WireTrace(db, tmp_path / "none") as trace:
+            with isolation_db.unit_of_work(tenant_a):
+                pass
+            with isolation_db.unit_of_work(tenant_a, write=True):
+                pass
+        assert trace.round_trips() == 0
+        assert _bound_tenant() is None  # outside any transaction: nothing left over
+
+
+@postgres_only
+def test_a_batch_rebinding_tenants_runs_each_statement_under_the_last_binding(db):
+    tenant_a, _agents, _account = make_tenant(0)
+    tenant_b, _agents, _account = make_tenant(0)
+    tenant_c, _agents, _account = make_tenant(0)
+    with isolation_db.connection(), isolation_db.unit_of_work(write=True):
+        isolation_db.bind_tenant(tenant_a)
+        assert _bound_tenant() == tenant_a
+        assert Scoped(IsolationContext(tenant_a)).tenant.get()["id"] == tenant_a
+        isolation_db.bind_tenant(tenant_b)  # never sent: replaced by the next binding
+        isolation_db.bind_tenant(tenant_c)
+        assert _bound_tenant() == tenant_c
+        # Row-level security follows the binding: tenant A's row is not visible under C's.
+        assert db.execute_sql("SELECT count(*) FROM tenants WHERE id = %s", (tenant_a,)).fetchone()[0] == 0
+        isolation_db.bind_tenant(tenant_b)
+        cursor = db.cursor()  # a direct cursor (executemany users) gets the binding first too
+        cursor.execute("SELECT current_setting('app.tenant_id', true)")
+        assert cursor.fetchone()[0] == tenant_b
+        with isolation_db.unit_of_work(tenant_a, write=True):  # a savepoint: sent before it
+            assert _bound_tenant() == tenant_a
+
+
+@postgres_only
+def test_a_failing_first_statement_rolls_back_and_leaves_no_binding(db):
+    tenant_a, _agents, _account = make_tenant(0)
+    with isolation_db.connection():
+        with pytest.raises(Exception, match="no_such_table"), isolation_db.unit_of_work(tenant_a, write=True):
+            db.execute_sql("SELECT * FROM no_such_table")
+        assert not db.in_transaction()
+        with isolation_db.unit_of_work(write=True):
+            assert _bound_tenant() is None
+            assert db.execute_sql("SELECT count(*) FROM tenants").fetchone()[0] == 0  # RLS: no tenant, no rows
