@@ -97,6 +97,13 @@ class ChatSession:
         sql.insert_message(self._scope, {**fields, "message_id": candidate, "content_hash": content_hash})
         return candidate, True
 
+    def store_exchange(self, *, content_hash: str, inbound: dict, reply: dict, usage: dict) -> tuple[bool, bool]:
+        """Store a new inbound message under its client's id together with its reply and usage row
+        (one statement on PostgreSQL); (inbound stored, reply stored). When the id is taken nothing
+        is written and the caller stores the message by `store_inbound` instead. Fields as
+        `insert_message` (`inbound` without the content hash) and `record_usage`."""
+        return sql.insert_exchange(self._scope, {**inbound, "content_hash": content_hash}, reply, usage)
+
     def insert_reply_with_usage(self, reply: dict, usage: dict) -> bool:
         """`insert_message(**reply)` and `record_usage(**usage)`; one statement on PostgreSQL.
 

@@ -123,15 +123,7 @@ def content_hash(inbound: Inbound) -> str:
 def _store(session: fastpath.ChatSession, inbound: Inbound, replay_window: float) -> tuple[str, bool]:
     """Store `inbound` unless it is a replay (`ChatSession.store_inbound`); (stored id, created)."""
     return session.store_inbound(
-        content_hash=content_hash(inbound),
-        replay_window=replay_window,
-        message_id=inbound.message_id,
-        direction="in",
-        text=inbound.text,
-        segments=inbound.segments,
-        sender_user_id=inbound.user_id,
-        sender_nickname=inbound.nickname,
-        reply_to=inbound.reply_to,
+        content_hash=content_hash(inbound), replay_window=replay_window, **_inbound_fields(inbound)
     )
 
 
@@ -166,7 +158,6 @@ def ingest(request: IngestRequest) -> IngestResult:
     """Agent (reloaded when its version moved), chat stream, the inbound row (idempotent), history
     and memories, in one go. The per-message statements use `isolation.fastpath`."""
     ctx, inbound = request.ctx, request.inbound
-    need_history, need_memories = request.need_history, request.need_memories
     agent = request.cached_agent
     reloaded = False
     agent_ctx = IsolationContext(ctx.tenant_id, ctx.agent_id)
@@ -174,14 +165,17 @@ def ingest(request: IngestRequest) -> IngestResult:
         agent = load_agent(agent_ctx)
         reloaded = True
     _ensure_stream(request)
-    stream_id = ctx.chat_stream_id
-    chat_ctx = ctx
-    session = fastpath.ChatSession(chat_ctx)
+    session = fastpath.ChatSession(ctx)
+    if request.stored_id is None and _answers_offline(request, agent):
+        result = _exchange(request, session, agent, reloaded)
+        if result is not None:
+            return result
+        # the message's id is taken (a resend, or a reused id): the general path below decides
     if request.stored_id is not None:  # stored by `store_inbound` (or found by recovery) already
         stored_id, created = request.stored_id, False
     else:
         stored_id, created = _store(session, inbound, request.replay_window)
-    result = IngestResult(stream_id, created, agent, reloaded, stored_id=stored_id)
+    result = IngestResult(ctx.chat_stream_id, created, agent, reloaded, stored_id=stored_id)
     if not created:
         reply_id = REPLY_ID_PREFIX + stored_id
         text = session.message_text(reply_id)
@@ -192,13 +186,38 @@ def ingest(request: IngestRequest) -> IngestResult:
         # answered yet: answer it now
     if agent.status != "active":
         return result
-    if reloaded:  # a changed agent may have changed its limits: read everything again
-        need_history = need_memories = True
+    _read_context(request, session, agent, reloaded, result)
+    if _answers_offline(request, agent):
+        memories = result.memories if result.memories is not None else request.offline.memories
+        result.answer = answer_offline(agent, inbound, ctx.chat_stream_id, memories, stored_id)
+        stored = complete(ctx, result.answer, session=session)
+        if stored is not None:
+            result.answer = superseded(result.answer, stored)
+    return result
+
+
+def _answers_offline(request: IngestRequest, agent: AgentView) -> bool:
+    """Whether the job answers the message itself: the agent, as read here, is active without a model."""
+    offline = request.offline
+    return (
+        offline is not None
+        and agent.status == "active"
+        and offline.defaults.resolve(agent.llm, agent.llm_api_key).kind == "offline"
+    )
+
+
+def _read_context(
+    request: IngestRequest, session: fastpath.ChatSession, agent: AgentView, reloaded: bool, result: IngestResult
+) -> None:
+    """The stream's history (without the message itself) and memories into `result`, as far as the
+    caches need them (everything again when the agent changed: its limits may have)."""
+    need_history = request.need_history or reloaded
+    need_memories = request.need_memories or reloaded
     limit = agent.config.chat.max_context_size
     history = []
     if limit > 0 and need_history:
         for item in session.recent_messages(limit + 1):
-            if item["message_id"] != stored_id:
+            if item["message_id"] != result.stored_id:
                 history.append((item["direction"], item["text"], item["sender_nickname"] or item["sender_user_id"]))
         history = history[-limit:]
     result.history = history if need_history else None
@@ -207,14 +226,63 @@ def ingest(request: IngestRequest) -> IngestResult:
         if agent.config.memory.enabled and agent.config.memory.max_memories > 0:
             memories = session.relevant_memories(agent.config.memory.max_memories)
         result.memories = memories
-    offline = request.offline
-    if offline is not None and offline.defaults.resolve(agent.llm, agent.llm_api_key).kind == "offline":
-        memories = result.memories if result.memories is not None else offline.memories
-        result.answer = answer_offline(agent, inbound, stream_id, memories, stored_id)
-        stored = complete(chat_ctx, result.answer, session=session)
-        if stored is not None:
-            result.answer = superseded(result.answer, stored)
+
+
+def _exchange(
+    request: IngestRequest, session: fastpath.ChatSession, agent: AgentView, reloaded: bool
+) -> IngestResult | None:
+    """The common offline case in one statement: a new message stored under its client's id with
+    its answer and usage row (`ChatSession.store_exchange`), the context read first (it never
+    contained the new message). None when the id is taken: nothing was written."""
+    ctx, inbound = request.ctx, request.inbound
+    result = IngestResult(ctx.chat_stream_id, True, agent, reloaded, stored_id=inbound.message_id)
+    _read_context(request, session, agent, reloaded, result)
+    memories = result.memories if result.memories is not None else request.offline.memories
+    answer = answer_offline(agent, inbound, ctx.chat_stream_id, memories, inbound.message_id)
+    stored_inbound, stored_reply = session.store_exchange(
+        content_hash=content_hash(inbound), inbound=_inbound_fields(inbound), reply=_reply_fields(answer),
+        usage=answer.usage,
+    )  # fmt: skip
+    if not stored_inbound:
+        return None
+    if stored_reply:
+        _remember(ctx, answer)
+    else:  # a reply under this id was stored already (by another process): that answer stands
+        answer = superseded(answer, session.message_text(answer.reply_id) or "")
+    result.answer = answer
     return result
+
+
+def _inbound_fields(inbound: Inbound) -> dict:
+    """The `messages` row fields of an inbound message (its id as the client sent it)."""
+    return {
+        "message_id": inbound.message_id,
+        "direction": "in",
+        "text": inbound.text,
+        "segments": inbound.segments,
+        "sender_user_id": inbound.user_id,
+        "sender_nickname": inbound.nickname,
+        "reply_to": inbound.reply_to,
+    }
+
+
+def _reply_fields(reply: Reply) -> dict:
+    """The `messages` row fields of a reply."""
+    return {
+        "message_id": reply.reply_id,
+        "direction": "out",
+        "text": reply.text,
+        "segments": {"type": "text", "data": reply.text},
+        "sender_user_id": "maitenant-agent",
+        "sender_nickname": reply.agent_name[:256],
+        "reply_to": reply.reply_to,
+    }
+
+
+def _remember(ctx: IsolationContext, reply: Reply) -> None:
+    """Store the reply's chat memory, if it found one."""
+    if reply.memory:
+        Scoped(ctx).memories.add(reply.memory, level="chat", source=reply.memory_source)
 
 
 def answer_offline(
@@ -257,22 +325,9 @@ def complete(ctx: IsolationContext, reply: Reply, session: fastpath.ChatSession 
     message is never answered twice, whichever process finishes first.
     """
     session = session if session is not None and session.ctx == ctx else fastpath.ChatSession(ctx)
-    inserted = session.insert_reply_with_usage(
-        {
-            "message_id": reply.reply_id,
-            "direction": "out",
-            "text": reply.text,
-            "segments": {"type": "text", "data": reply.text},
-            "sender_user_id": "maitenant-agent",
-            "sender_nickname": reply.agent_name[:256],
-            "reply_to": reply.reply_to,
-        },
-        reply.usage,
-    )
-    if not inserted:
+    if not session.insert_reply_with_usage(_reply_fields(reply), reply.usage):
         return session.message_text(reply.reply_id) or ""
-    if reply.memory:
-        Scoped(ctx).memories.add(reply.memory, level="chat", source=reply.memory_source)
+    _remember(ctx, reply)
     return None
 
 

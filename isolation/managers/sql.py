@@ -18,7 +18,7 @@ The statement strings are built once per dialect (`lru_cache`) and reused.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -215,6 +215,18 @@ def _chat_sql(p: str) -> dict[str, str]:
             f"WITH reply AS ({insert_message} RETURNING 1) INSERT INTO llm_usage ({_USAGE_COLUMNS}) "
             f"SELECT {usage_values} WHERE EXISTS (SELECT 1 FROM reply)"
         ),
+        # PostgreSQL: an inbound message and its (offline) answer in one round trip. The reply is
+        # written only when the inbound row was (its id free), its usage row only when the reply was;
+        # the counts say which. Nothing is written when the inbound id is taken.
+        "exchange": (
+            f"WITH inbound AS ({insert_message} RETURNING 1), "
+            f"reply AS (INSERT INTO messages ({_MESSAGE_COLUMNS}) SELECT {message_values} "
+            "WHERE EXISTS (SELECT 1 FROM inbound) "
+            "ON CONFLICT (tenant_id, chat_stream_id, message_id) DO NOTHING RETURNING 1), "
+            f"usage AS (INSERT INTO llm_usage ({_USAGE_COLUMNS}) SELECT {usage_values} "
+            "WHERE EXISTS (SELECT 1 FROM reply) RETURNING 1) "
+            "SELECT (SELECT count(*) FROM inbound), (SELECT count(*) FROM reply), (SELECT count(*) FROM usage)"
+        ),
         "message_text": f"SELECT text FROM messages WHERE {stream} AND message_id = {p}",
         "platform_message_id": (
             f"UPDATE messages SET platform_message_id = {p} WHERE {stream} AND message_id = {p} AND direction = 'out'"
@@ -311,6 +323,33 @@ def insert_reply_with_usage(scope: Scope, reply: dict, usage: dict) -> bool:
         return True
     params = _message_params(scope, **reply) + _usage_params(scope, **usage)
     return _execute(_chat_sql(_db.database.obj.param)["reply_and_usage"], params).rowcount == 1
+
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def insert_exchange(scope: Scope, inbound: dict, reply: dict, usage: dict) -> tuple[bool, bool]:
+    """Store an inbound message (fields as `_message_params`) and, only when that inserted, its
+    reply and, only when that inserted too, the reply's usage row; (inbound stored, reply stored).
+
+    One statement on PostgreSQL (a data-modifying CTE: one round trip for the whole exchange). When
+    the inbound id is already stored nothing is written: the caller takes the general path
+    (`ChatSession.store_inbound`)."""
+    now = utcnow()  # the reply is one microsecond younger: the history's order never depends on ids
+    inbound_params = _message_params(scope, **inbound, created_at=now)
+    reply_params = _message_params(scope, **reply, created_at=now + _MICROSECOND)
+    usage_params = _usage_params(scope, **usage)
+    if not _db.is_postgres():
+        statements = _chat_sql(_db.database.obj.param)
+        if _execute(statements["insert_message"], inbound_params).rowcount != 1:
+            return False, False
+        if _execute(statements["insert_message"], reply_params).rowcount != 1:
+            return True, False
+        _execute(statements["insert_usage"], usage_params)
+        return True, True
+    params = inbound_params + reply_params + usage_params
+    stored_inbound, stored_reply, _ = _execute(_chat_sql(_db.database.obj.param)["exchange"], params).fetchone()
+    return stored_inbound == 1, stored_reply == 1
 
 
 def message_text(scope: Scope, message_id: str) -> str | None:

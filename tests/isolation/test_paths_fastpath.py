@@ -131,3 +131,65 @@ def test_an_unconfigured_database_is_reported(streams):
             fastpath.ChatSession(streams["a"])
     finally:
         isolation_db.database.initialize(saved)
+
+
+def _exchange(session: fastpath.ChatSession, inbound_id: str, reply_id: str, text: str = "hi"):
+    return session.store_exchange(
+        content_hash="h-" + text,
+        inbound={"message_id": inbound_id, "direction": "in", "text": text, "segments": [], "sender_user_id": "u1"},
+        reply={
+            "message_id": reply_id,
+            "direction": "out",
+            "text": "re: " + text,
+            "segments": [],
+            "reply_to": inbound_id,
+        },
+        usage={"provider": "offline", "model": "offline", "outcome": "offline", "latency_ms": 1},
+    )
+
+
+def test_an_exchange_stores_message_reply_and_usage_in_its_stream_only(streams):
+    a, b = streams["a"], streams["b"]
+    with isolation_db.unit_of_work(write=True):
+        assert _exchange(fastpath.ChatSession(a), "m1", "mt-reply:m1") == (True, True)
+        # The same ids in another tenant's stream are that stream's own rows.
+        assert _exchange(fastpath.ChatSession(b), "m1", "mt-reply:m1", "b's") == (True, True)
+    with isolation_db.unit_of_work(write=True):
+        recent = fastpath.ChatSession(a).recent_messages(10)
+    # The reply is younger than its message, so the history's order holds whatever the row ids.
+    assert [(m["message_id"], m["direction"], m["text"]) for m in recent] == [
+        ("m1", "in", "hi"),
+        ("mt-reply:m1", "out", "re: hi"),
+    ]
+    stored = Scoped(a).messages.by_message_id("m1")
+    assert (stored["tenant_id"], stored["chat_stream_id"], stored["content_hash"]) == (
+        a.tenant_id, a.chat_stream_id, "h-hi",
+    )  # fmt: skip
+    assert [(u["provider"], u["chat_stream_id"]) for u in Scoped(a).llm_usage.list()] == [("offline", a.chat_stream_id)]
+    assert Scoped(b).messages.by_message_id("m1")["text"] == "b's"
+    assert len(Scoped(b).llm_usage.list()) == 1
+
+
+def test_an_exchange_writes_nothing_when_the_message_id_is_taken_and_no_usage_when_the_reply_is(streams):
+    a = streams["a"]
+    with isolation_db.unit_of_work(write=True):
+        session = fastpath.ChatSession(a)
+        assert _exchange(session, "m1", "mt-reply:m1") == (True, True)
+        # The message id is stored: nothing at all is written (the caller takes the general path).
+        assert _exchange(session, "m1", "mt-reply:m1#other", "again") == (False, False)
+        # The reply id is stored (answered elsewhere first): the message is, its reply and usage not.
+        assert _exchange(session, "m2", "mt-reply:m1", "two") == (True, False)
+    assert Scoped(a).messages.count() == 3
+    assert Scoped(a).messages.by_message_id("mt-reply:m1")["text"] == "re: hi"
+    with isolation_db.unit_of_work(write=True):
+        assert fastpath.ChatSession(a).message_text("mt-reply:m1#other") is None
+    assert len(Scoped(a).llm_usage.list()) == 1
+
+
+def test_an_exchange_with_bad_input_writes_nothing(streams):
+    a = streams["a"]
+    with isolation_db.unit_of_work(write=True), pytest.raises(ValueError, match="NUL"):
+        _exchange(fastpath.ChatSession(a), "m1", "mt-reply:m1", "bad\x00")
+    assert Scoped(a).messages.count() == 0
+    with pytest.raises(RuntimeError, match="inside a transaction"):
+        _exchange(fastpath.ChatSession(a), "m1", "mt-reply:m1")
