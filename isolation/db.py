@@ -8,7 +8,10 @@ decisions below are made there and nowhere else), `close_database()` at shutdown
   so concurrent writers queue on the busy timeout instead of failing on a lock upgrade.
 * PostgreSQL: pooled psycopg 3 connections that `SET ROLE` to the application role, so row-level
   security applies; every scoped statement runs in a transaction that first calls
-  `set_config('app.tenant_id', <tenant>, true)` (transaction-local, gone at commit).
+  `set_config('app.tenant_id', <tenant>, true)` (transaction-local, gone when it ends). A write
+  transaction sends `BEGIN` and the binding with its first statement; a read outside any transaction sends
+  each statement with its own binding in one pipeline (one implicit transaction, read-only), so it
+  needs no `BEGIN`/`COMMIT` at all (docs/PERFORMANCE.md, docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class _TenantTrackingSavepoint(_savepoint):
 
 
 _BIND_SQL = "SELECT set_config('app.tenant_id', %s, true)"
+# Sent ahead of each statement of a read outside a transaction, in the same implicit transaction.
+_STATEMENT_BINDING = "SELECT set_config('app.tenant_id', %s, true), set_config('transaction_read_only', 'on', true)"
 
 
 class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
@@ -159,6 +164,9 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
         return cursor
 
     def _execute_cursor(self, sql, params, **cursor_options):
+        tenant = getattr(self._state, "statement_tenant", None)
+        if tenant is not None and not self.in_transaction():
+            return self._execute_bound(tenant, sql, params, cursor_options)
         prelude = self._take_prelude()
         if not prelude:
             return super()._execute_cursor(sql, params, **cursor_options)
@@ -168,6 +176,24 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
             with self._state.conn.pipeline():
                 for statement, prelude_params in prelude:
                     cursor.execute(statement, prelude_params)
+                cursor.execute(sql, params or ())
+        return cursor
+
+    def _execute_bound(self, tenant: str, sql, params, cursor_options: dict):
+        """A read of `unit_of_work(tenant)` outside a transaction: the binding and the statement go in
+        one pipeline that ends with one Sync, so PostgreSQL runs them as one implicit transaction
+        (the binding, transaction-local, ends with it; nothing is left on the connection) that is
+        read-only (a write here fails instead of committing on its own). One round trip, and the
+        statement itself stays a server-side prepared one (psycopg's `prepare_threshold`)."""
+        if cursor_options or self.query_hooks:
+            # A named (server-side) cursor or a query hook cannot share the pipeline; never run them unbound.
+            raise RuntimeError("this statement needs a transaction: run it in unit_of_work(tenant, write=True)")
+        self._log_query(sql, params)
+        with __exception_wrapper__:
+            binding = super().cursor()
+            cursor = super().cursor()
+            with self._state.conn.pipeline():
+                binding.execute(_STATEMENT_BINDING, (tenant,))
                 cursor.execute(sql, params or ())
         return cursor
 
@@ -362,9 +388,12 @@ def unit_of_work(tenant_id: str | None = None, *, write: bool = False) -> Iterat
     * `write=True`: a transaction; `BEGIN IMMEDIATE` on SQLite when it is the outermost one, so
       concurrent writers queue on the busy timeout instead of failing on a lock upgrade; nested, a
       savepoint (only the inner block rolls back on an error).
-    * Reads on PostgreSQL with a tenant: a transaction, because row-level security needs the tenant
-      bound and the binding lives as long as the transaction. Inside an open transaction only the
-      binding (once per transaction, no savepoint).
+    * Reads on PostgreSQL with a tenant, outside a transaction: no transaction. Each statement is sent
+      in one pipeline behind its own transaction-local binding (and `transaction_read_only`), so it
+      runs in an implicit transaction of its own, bound and read-only: one round trip per statement
+      instead of `BEGIN`, statements, `COMMIT`. Under READ COMMITTED each statement saw its own
+      snapshot inside a transaction too, so a read loses no consistency by it. Inside an open
+      transaction only the binding (once per transaction, no savepoint).
     * Other reads (SQLite, which has no row-level security, or no tenant): no `BEGIN`/`COMMIT`
       round; they run as they are, inside the enclosing transaction if there is one.
 
@@ -381,6 +410,15 @@ def unit_of_work(tenant_id: str | None = None, *, write: bool = False) -> Iterat
         if db.in_transaction():
             _bind(db, tenant_id)
             yield
+            return
+        if isinstance(db, _AppRolePostgresqlDatabase):
+            # No transaction: every statement carries the binding (`_execute_cursor`).
+            previous = getattr(db._state, "statement_tenant", None)
+            db._state.statement_tenant = tenant_id
+            try:
+                yield
+            finally:
+                db._state.statement_tenant = previous
             return
     tracking = tenant_id is not None and isinstance(db, _AppRolePostgresqlDatabase) and not db.in_transaction()
     if tracking:

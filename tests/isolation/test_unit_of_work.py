@@ -35,20 +35,95 @@ def test_sqlite_reads_run_without_a_transaction_and_writes_begin_immediate(db):
 
 
 @postgres_only
-def test_postgresql_reads_with_a_tenant_bind_it_in_a_transaction(db):
+def test_postgresql_reads_with_a_tenant_bind_each_statement_without_a_transaction(db):
     tenant_a, _agents, _account = make_tenant(0)
     tenant_b, _agents, _account = make_tenant(0)
     with isolation_db.connection():
         with isolation_db.unit_of_work():  # nothing to bind: no transaction either
             assert not db.in_transaction()
         with isolation_db.unit_of_work(tenant_a):
-            assert db.in_transaction() and _bound_tenant() == tenant_a
-            with isolation_db.unit_of_work(tenant_b):  # nested read: re-bound, no savepoint
+            # No BEGIN: each statement runs in its own implicit transaction behind its binding.
+            assert not db.in_transaction() and _bound_tenant() == tenant_a
+            assert _session_binding(db) is None  # the binding ended with that statement
+            with isolation_db.unit_of_work(tenant_b):  # nested read: re-bound
                 assert _bound_tenant() == tenant_b
+            assert _bound_tenant() == tenant_a  # and back to the outer tenant
+            with isolation_db.unit_of_work(tenant_a, write=True):  # a write inside: one transaction
+                assert db.in_transaction() and _bound_tenant() == tenant_a
+        assert _bound_tenant() is None and _session_binding(db) is None
         with isolation_db.unit_of_work(write=True):
             assert db.in_transaction() and _bound_tenant() is None
             with isolation_db.unit_of_work(tenant_a, write=True):
                 assert _bound_tenant() == tenant_a
+            with isolation_db.unit_of_work(tenant_b):  # a read inside a transaction binds it
+                assert db.in_transaction() and _bound_tenant() == tenant_b
+
+
+def _session_binding(db) -> str | None:
+    """The binding as the connection itself holds it, read past peewee (and past any pipeline)."""
+    return db.connection().execute("SELECT current_setting('app.tenant_id', true)").fetchone()[0] or None
+
+
+@postgres_only
+def test_a_read_without_a_transaction_cannot_write(db):
+    from peewee import InternalError
+
+    from isolation.models import Tenant
+
+    tenant_a, _agents, _account = make_tenant(0)
+    with isolation_db.connection(), isolation_db.unit_of_work(tenant_a):
+        with pytest.raises(InternalError, match="read-only transaction"):
+            Tenant.update(name="written by a read").where(Tenant.id == tenant_a).execute()
+        assert not db.in_transaction()
+        assert Scoped(IsolationContext(tenant_a)).tenant.get()["name"] != "written by a read"
+        # What cannot share the binding's pipeline (a query hook, a named cursor) is refused, never run unbound.
+        db.query_hooks.append(lambda event: None)
+        try:
+            with pytest.raises(RuntimeError, match="needs a transaction"):
+                db.execute_sql("SELECT 1")
+        finally:
+            db.query_hooks.pop()
+
+
+@postgres_only
+def test_a_forged_binding_lasts_one_statement_and_never_reaches_the_pool(db):
+    """A statement that binds another tenant (as a bug or an injection would) changes nothing for the
+    next statement of the read, nor for the next user of the pooled connection."""
+    tenant_a, agents_a, _account = make_tenant(2)
+    tenant_b, _agents_b, _account = make_tenant(3)
+    forge_local = "SELECT set_config('app.tenant_id', %s, true)"
+    isolation_db.close_connection()  # each block below takes the connection from the pool and gives it back
+    with isolation_db.connection(), isolation_db.unit_of_work(tenant_a):
+        assert db.execute_sql(forge_local, (tenant_b,)).fetchone()[0] == tenant_b
+        assert _bound_tenant() == tenant_a
+        assert {a["id"] for a in Scoped(IsolationContext(tenant_a)).agents.list()} == set(agents_a)
+        assert db.execute_sql("SELECT count(*) FROM agents").fetchone()[0] == len(agents_a)
+
+    # A connection handed back in the middle of a transaction that bound another tenant: the pool
+    # rolls it back at check-in, so its next user starts with no binding at all.
+    with isolation_db.connection():
+        raw = db.connection()
+        key = db.conn_key(raw)
+        raw.execute("BEGIN")
+        raw.execute(forge_local, (tenant_b,))
+    with isolation_db.connection():
+        assert db.conn_key(db.connection()) == key  # the same pooled connection
+        assert _session_binding(db) is None
+        assert db.execute_sql("SELECT count(*) FROM agents").fetchone()[0] == 0  # unbound: no rows
+        with isolation_db.unit_of_work(tenant_a):
+            assert {a["id"] for a in Scoped(IsolationContext(tenant_a)).agents.list()} == set(agents_a)
+
+    # Even a session-wide binding left on a connection (`is_local` false, which this code never
+    # sends) is overridden by the transaction-local binding of every scoped read and write.
+    with isolation_db.connection():
+        db.connection().execute("SELECT set_config('app.tenant_id', %s, false)", (tenant_b,))
+        try:
+            with isolation_db.unit_of_work(tenant_a):
+                assert db.execute_sql("SELECT count(*) FROM agents").fetchone()[0] == len(agents_a)
+            with isolation_db.unit_of_work(tenant_a, write=True):
+                assert db.execute_sql("SELECT count(*) FROM agents").fetchone()[0] == len(agents_a)
+        finally:
+            db.connection().execute("RESET app.tenant_id")
 
 
 @postgres_only
