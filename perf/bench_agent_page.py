@@ -4,7 +4,7 @@
     python -m perf.bench_agent_page --database postgresql --threads 1 8
 
 Each "request" does what the route does inside `Principal.session()`: take a connection, open the
-tenant's unit of work (on PostgreSQL a read transaction binding the tenant), check the caller's
+tenant's unit of work (on PostgreSQL each statement sent behind its tenant binding), check the caller's
 membership and sign-in session (one statement), read a page of 20 agents, and turn it into the JSON body:
 
 - `rows`: `agents.list_with_key_flags()` (rows decoded into Python) and `orjson.dumps` of the page;

@@ -7,8 +7,9 @@ database per kind, then times, in the same process and run:
 
 * baseline  - a hand-written peewee query (`Message.select().where(tenant, agent, platform, stream)...`)
               run by the schema owner: no row-level security, no tenant binding;
-* scoped    - `Scoped(ctx).messages.history(limit)` as the application role (on PostgreSQL: its own
-              transaction with `set_config('app.tenant_id', ...)` and the RLS policy applied);
+* scoped    - `Scoped(ctx).messages.history(limit)` as the application role (on PostgreSQL the RLS
+              policy applied, and outside a transaction the statement sent in one pipeline behind
+              its own `set_config('app.tenant_id', ...)`: one round trip, no BEGIN/COMMIT);
 * both again in three shapes: one query per transaction; all queries (random tenants) in one
   transaction, which makes the scoped side re-bind the tenant almost every query; and requests of
   5 queries for one tenant, a transaction each (how a configurator route uses the database).
@@ -117,7 +118,8 @@ def timed_pair(base_fn, base_db, scoped_fn, scoped_db, contexts, order, in_trans
             if order and isinstance(order[0], list):
                 for request in order:
                     # each side opens a request the way its code would: a plain transaction for the
-                    # baseline, `unit_of_work(tenant)` (BEGIN and the tenant binding together) when scoped
+                    # baseline, `unit_of_work(tenant)` when scoped (on PostgreSQL no transaction for
+                    # reads: each statement carries its binding, isolation/db.py)
                     tenant = contexts[request[0]].tenant_id
                     with db.atomic() if label == "baseline" else isolation_db.unit_of_work(tenant):
                         for i in request:

@@ -86,26 +86,51 @@ class Principal:
         the tenant (403 `tenant_suspended`, 429 over its request limit, configurator/core/tenant_limits.py)
         and the role (403), and yield.
 
-        The body is one `unit_of_work` of the tenant: reads share one transaction on PostgreSQL (one
-        tenant binding, sent with `BEGIN`) and none on SQLite; `write=True` makes the whole body one
-        write transaction (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing).
+        The body is one `unit_of_work` of the tenant: reads run without a transaction (on PostgreSQL
+        each statement carries the tenant binding in its own round trip, isolation/db.py);
+        `write=True` makes the whole body one write transaction (`BEGIN` sent with the binding on
+        PostgreSQL, `BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing).
         """
-        if not (valid_id(self.account_id) and valid_id(self.tenant_id) and valid_id(self.session_id)):
-            raise unauthorized("invalid token")
+        self._check_ids()
         ctx = IsolationContext(self.tenant_id)
         with connection(), unit_of_work(ctx.tenant_id, write=write):
             try:
                 membership = Scoped(ctx).memberships.get_with_session(self.account_id, self.session_id)
             except NotFound:
                 raise unauthorized("token no longer valid for this tenant") from None
-            if not membership["session_active"]:
-                raise unauthorized("session ended (signed out or revoked): sign in again")
-            if self.limits is not None:
-                self.limits.admit(self.tenant_id, membership["tenant_status"], membership["limit_requests_per_minute"])
-            role = membership["role"]
-            if role not in roles:
-                raise forbidden(f"this needs the role {' or '.join(roles)} (you are {role})")
+            role = self._admit(membership, roles)
             yield TenantSession(self.account_id, role, ctx)
+
+    def agents_page(self, limit: int, offset: int) -> tuple[str, bool]:
+        """`session()` and `agents.page_json(limit, offset)` in one statement (`GET /agents`, a hot
+        route): the same checks, answered before the page is used; (JSON array, more follow)."""
+        self._check_ids()
+        ctx = IsolationContext(self.tenant_id)
+        with connection(), unit_of_work(ctx.tenant_id):
+            try:
+                membership, items, more = Scoped(ctx).memberships.get_with_session_and_agent_page(
+                    self.account_id, self.session_id, limit, offset
+                )
+            except NotFound:
+                raise unauthorized("token no longer valid for this tenant") from None
+            self._admit(membership, ANY_ROLE)
+        return items, more
+
+    def _check_ids(self) -> None:
+        if not (valid_id(self.account_id) and valid_id(self.tenant_id) and valid_id(self.session_id)):
+            raise unauthorized("invalid token")
+
+    def _admit(self, membership: dict, roles: tuple[str, ...]) -> str:
+        """The session (401), the tenant's status and request limit (403/429) and the role (403) of a
+        membership row from `get_with_session`; the role."""
+        if not membership["session_active"]:
+            raise unauthorized("session ended (signed out or revoked): sign in again")
+        if self.limits is not None:
+            self.limits.admit(self.tenant_id, membership["tenant_status"], membership["limit_requests_per_minute"])
+        role = membership["role"]
+        if role not in roles:
+            raise forbidden(f"this needs the role {' or '.join(roles)} (you are {role})")
+        return role
 
     @contextmanager
     def operator(self) -> Iterator[None]:
@@ -115,8 +140,7 @@ class Principal:
         The operator's own tenant is only where its session lives: it is neither rate-limited nor
         checked for suspension here, and being an operator makes nobody a member of other tenants.
         """
-        if not (valid_id(self.account_id) and valid_id(self.tenant_id) and valid_id(self.session_id)):
-            raise unauthorized("invalid token")
+        self._check_ids()
         with connection():
             try:
                 membership = Scoped(IsolationContext(self.tenant_id)).memberships.get_with_session(

@@ -2,9 +2,10 @@
 
 peewee builds the other queries. These are written out because they sit on hot paths where building
 a peewee query costs several times more than running it: the membership lookup of every
-authenticated configurator request, the configurator's agents page, and the replier's per-message
-statements. They also hold the one write path of `messages` and `llm_usage` rows, which the scoped
-managers (`MessageManager.add`, `LlmUsageManager.record`) and the replier's `ChatSession` share.
+authenticated configurator request, the configurator's agents page (also joined to the membership
+lookup, so `GET /agents` is one statement), and the replier's per-message statements. They also
+hold the one write path of `messages` and `llm_usage` rows, which the scoped managers
+(`MessageManager.add`, `LlmUsageManager.record`) and the replier's `ChatSession` share.
 
 What a reviewer checks, and what every statement here keeps:
 * values only as parameters (`{p}` is the driver's placeholder), never formatted into the text;
@@ -111,7 +112,12 @@ def membership_with_session(tenant_id: str, account_id: str, session_id: str) ->
     if row is None:
         return None
     found = _as_dict(row, names, decoders)  # the last three columns are left out by zip(strict=False)
-    session_active, status, request_limit = row[-3:]
+    return _with_session_columns(found, row[-3:])
+
+
+def _with_session_columns(found: dict, extra: tuple) -> dict:
+    """The membership row plus the session and tenant columns `_membership_sql(with_session=True)` adds."""
+    session_active, status, request_limit = extra
     found["session_active"] = bool(session_active)
     found["tenant_status"] = status
     found["limit_requests_per_minute"] = None if request_limit is None else int(request_limit)
@@ -173,6 +179,44 @@ def _agent_page_sql(postgres: bool, p: str, *, by_agent: bool) -> str:
     scope = f"tenant_id = {p}" + (f" AND id = {p}" if by_agent else "")
     template = _AGENT_PAGE_SQL["postgresql" if postgres else "sqlite"]
     return template.replace("{scope}", scope).replace("{p}", p)
+
+
+@lru_cache(maxsize=4)
+def _membership_with_agent_page_sql(postgres: bool, p: str) -> str:
+    """`_membership_sql(with_session=True)` with the tenant's agent page (`_agent_page_sql`) as two
+    more columns: the page's scalar subqueries are computed for the one membership row found, so a
+    caller who is not a member gets no row and no page."""
+    membership = _membership_sql(p, with_session=True)
+    columns, _, tables = membership.rpartition(" FROM ")  # the outer FROM is the last one
+    page_columns = _agent_page_sql(postgres, p, by_agent=False).removeprefix("SELECT ")
+    # The page's own `tenant_id` references stay unqualified: they name `agents`' column inside its
+    # subqueries (the membership's tables are aliased `m`, `t`).
+    return f"{columns}, {page_columns} FROM {tables}"
+
+
+def membership_with_agent_page(
+    tenant_id: str, account_id: str, session_id: str, limit: int, offset: int
+) -> tuple[dict, str, bool] | None:
+    """`membership_with_session()` and, in the same statement, `agent_page()` of the tenant:
+    (membership, JSON array, whether more follow), or None when the account is not a member. One
+    round trip for the configurator's `GET /agents` (the caller checks the membership before it
+    uses the page)."""
+    _, names, decoders = _public_columns(Membership, ())
+    page = (tenant_id, limit, offset, tenant_id, offset + limit)
+    params = (
+        RefreshToken.session_id.db_value(session_id),
+        RefreshToken.expires_at.db_value(utcnow()),
+        *page,
+        tenant_id,
+        Membership.account_id.db_value(account_id),
+    )
+    sql = _membership_with_agent_page_sql(_db.is_postgres(), _db.database.obj.param)
+    row = _execute(sql, params).fetchone()
+    if row is None:
+        return None
+    found = _with_session_columns(_as_dict(row, names, decoders), row[-5:-2])
+    items, more = row[-2:]
+    return found, items or "[]", bool(more)
 
 
 def agent_page(tenant_id: str, agent_id: str | None, limit: int, offset: int) -> tuple[str, bool]:

@@ -201,6 +201,23 @@ class MembershipManager(TableManager):
             raise NotFound(self.entity)
         return row
 
+    def get_with_session_and_agent_page(
+        self, account_id: str, session_id: str, limit: int = 50, offset: int = 0
+    ) -> tuple[dict, str, bool]:
+        """`get_with_session()` and the tenant's `agents.page_json(limit, offset)` in one statement
+        (`sql.membership_with_agent_page`): the configurator's `GET /agents` in one round trip.
+        `NotFound` when the account is not a member (then no page is read). The caller checks the
+        returned membership (session, role, tenant status) before it uses the page."""
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        if self.ctx.agent_id is not None:
+            raise ValueError("the agent page of a membership lists the whole tenant's agents")
+        with self._reading():
+            found = sql.membership_with_agent_page(self.ctx.tenant_id, account_id, session_id, page_size(limit), offset)
+        if found is None:
+            raise NotFound(self.entity)
+        return found
+
     def add(self, account_id: str, role: str) -> dict:
         _check_role(role)
         try:

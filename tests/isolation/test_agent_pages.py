@@ -115,6 +115,48 @@ def test_precompiled_membership_get(db):
         memberships.get("acc_nobody")
 
 
+def _signed_in(scoped: Scoped, account_id: str, session_id: str) -> None:
+    from datetime import timedelta
+
+    scoped.refresh_tokens.issue(f"jti-{session_id}", account_id, utcnow() + timedelta(days=1), session_id=session_id)
+
+
+def test_membership_with_agent_page_is_both_statements_in_one(awkward_tenant):
+    """`get_with_session_and_agent_page` (the configurator's `GET /agents`) answers what
+    `get_with_session` and `agents.page_json` answer separately, on every page."""
+    scoped = awkward_tenant
+    account_id = scoped.memberships.list()[0]["account_id"]
+    _signed_in(scoped, account_id, "sess-1")
+    memberships = scoped.memberships
+    for limit in (1, 3, len(AWKWARD_TEXT), 50):
+        for offset in range(0, len(AWKWARD_TEXT) + 2):
+            membership, items, more = memberships.get_with_session_and_agent_page(account_id, "sess-1", limit, offset)
+            assert membership == memberships.get_with_session(account_id, "sess-1")
+            assert (items, more) == scoped.agents.page_json(limit=limit, offset=offset), (limit, offset)
+    # A session that does not exist: the membership says so (the caller refuses), the row is still found.
+    gone = memberships.get_with_session_and_agent_page(account_id, "no-such-session", 5, 0)[0]
+    assert gone["session_active"] is False
+    with pytest.raises(ValueError):
+        memberships.get_with_session_and_agent_page(account_id, "sess-1", 5, -1)
+    with pytest.raises(ValueError):
+        Scoped(scoped.ctx.child(agent_id=scoped.agents.list()[0]["id"])).memberships.get_with_session_and_agent_page(
+            account_id, "sess-1"
+        )
+
+
+def test_membership_with_agent_page_never_reads_another_tenants_page(awkward_tenant):
+    """An account that is a member elsewhere gets NotFound here, not its own tenant's page nor this one."""
+    other_tenant, _, other_account = make_tenant(2)
+    other = Scoped(IsolationContext(other_tenant))
+    _signed_in(other, other_account, "sess-b")
+    with pytest.raises(NotFound):
+        awkward_tenant.memberships.get_with_session_and_agent_page(other_account, "sess-b")
+    membership, items, _ = other.memberships.get_with_session_and_agent_page(other_account, "sess-b")
+    assert membership["tenant_id"] == other_tenant
+    assert {item["id"] for item in orjson.loads(items)} == {a["id"] for a in other.agents.list()}
+    assert len(orjson.loads(items)) == 2
+
+
 @pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
 def test_json_columns_refuse_non_finite_numbers(db, number):
     """JSON columns hold strict JSON (page_json splices them in unparsed), on both databases alike."""

@@ -108,8 +108,8 @@ def list_agents(principal: CurrentPrincipal, page: PageDep) -> FastJSONResponse:
     # A hot route: the database builds the items as JSON (`agents.page_json`), sent on as it is.
     # `response_model` documents the body; tests/configurator/test_cfg_fast_responses.py checks it
     # against `GET /agents/{id}`.
-    with principal.session() as session:
-        items, more = session.scoped.agents.page_json(limit=page.limit, offset=page.offset)
+    # The membership check and the page are one statement (`Principal.agents_page`).
+    items, more = principal.agents_page(page.limit, page.offset)
     return FastJSONResponse(page.body(orjson.Fragment(items), more=more))
 
 
