@@ -109,13 +109,23 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
 
     def __init__(self, *args, app_role: str | None = None, **kwargs) -> None:
         self.app_role = app_role
+        if app_role:
+            option = "-c role=" + app_role.replace("\\", "\\\\").replace(" ", "\\ ")  # libpq's escapes
+            kwargs["options"] = f"{kwargs['options']} {option}" if kwargs.get("options") else option
         self._returned_at: dict[int, float] = {}  # conn_key -> time.monotonic() of its last check-in
+        # `is_superuser` (reported by the server, for the current role) as a new connection starts.
+        self._login_superuser: str | None = None
         super().__init__(*args, **kwargs)
 
     def _is_closed(self, conn) -> bool:
         from psycopg.pq import TransactionStatus
 
         if conn.closed:
+            return True
+        if self.app_role and conn.info.parameter_status("is_superuser") != self._login_superuser:
+            # Someone left the application role on this connection (`SET ROLE NONE` with a superuser
+            # login, say): never hand it out again; the pool opens a new one.
+            self._close_raw(conn)
             return True
         returned_at = self._returned_at.get(self.conn_key(conn))
         if (
@@ -138,12 +148,13 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
         super()._close_raw(conn)
 
     def _connect(self):
+        # The pool's `_connect` hands out a pooled connection or opens a new one. The role is a
+        # startup option of every new connection (`make_database`: `-c role=...`), so it costs no
+        # round trip per check-out (a `SET ROLE` here ran on every request) and is also the role's
+        # reset value: `RESET ROLE` leaves the connection in the application role.
         conn = super()._connect()
-        if self.app_role:
-            from psycopg import sql
-
-            with conn.cursor() as cursor:
-                cursor.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(self.app_role)))
+        if self.app_role and self._login_superuser is None:
+            self._login_superuser = conn.info.parameter_status("is_superuser")
         return conn
 
     # -- the prelude: BEGIN and the binding, sent with the next statement ---------------------

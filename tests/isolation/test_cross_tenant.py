@@ -55,6 +55,9 @@ def a_and_b(db):
 CALLS = {
     ("memberships", "get"): lambda s, a: s.memberships.get(a["account"]),
     ("memberships", "get_with_session"): lambda s, a: s.memberships.get_with_session(a["account"], a["sid"]),
+    ("memberships", "get_with_session_and_agent_page"): lambda s, a: s.memberships.get_with_session_and_agent_page(
+        a["account"], a["sid"]
+    ),
     ("memberships", "delete"): lambda s, a: s.memberships.delete(a["account"]),
     ("memberships", "set_role"): lambda s, a: s.memberships.set_role(a["account"], "member"),
     ("refresh_tokens", "get"): lambda s, a: s.refresh_tokens.get(a["jti"]),

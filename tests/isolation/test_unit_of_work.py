@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from peewee import SqliteDatabase
 
@@ -150,6 +151,38 @@ def test_a_pooled_connection_is_handed_out_again_without_a_round_trip_when_it_ca
         isolation_db.ping()
 
 
+@postgres_only
+def test_the_application_role_is_a_startup_option_that_a_pooled_connection_cannot_shed(db, provisioned):
+    """No `SET ROLE` per check-out; `RESET ROLE` returns to the application role, and a connection that
+    left it anyway (`SET ROLE NONE` with a superuser login) is dropped, never handed out again."""
+    tenant_a, agents_a, _account = make_tenant(1)
+    # Logged in as the (superuser) owner of the test database, switched to the application role.
+    own = isolation_db.make_database(provisioned.admin_url, app_role=provisioned.app_role)
+
+    def current_user() -> str:
+        return own.connection().execute("SELECT current_user").fetchone()[0]
+
+    try:
+        with own.connection_context():
+            conn = own.connection()
+            assert current_user() == provisioned.app_role
+            assert conn.execute("SELECT session_user").fetchone()[0] != provisioned.app_role
+            conn.execute("RESET ROLE")
+            assert current_user() == provisioned.app_role  # the startup option is the reset value
+        with own.connection_context():
+            assert own.connection() is conn
+            conn.execute("SET ROLE NONE")
+            assert current_user() != provisioned.app_role
+        with own.connection_context():
+            assert own.connection() is not conn and conn.closed
+            assert current_user() == provisioned.app_role
+            assert own.execute_sql("SELECT count(*) FROM agents").fetchone()[0] == 0  # unbound under RLS
+            own.execute_sql("SELECT set_config('app.tenant_id', %s, false)", (tenant_a,))
+            assert own.execute_sql("SELECT count(*) FROM agents").fetchone()[0] == len(agents_a)
+    finally:
+        own.close_all()
+
+
 def _admin_conninfo(url: str) -> str:
     from testsupport.databases import _conninfo
 
@@ -243,9 +276,14 @@ class _WireTrace:
 def test_begin_and_the_binding_go_with_the_first_statement_and_an_empty_transaction_sends_nothing(db, tmp_path):
     tenant_a, _agents, _account = make_tenant(0)
     with isolation_db.connection():
-        with _WireTrace(db, tmp_path / "one") as trace, isolation_db.unit_of_work(tenant_a):
+        with _WireTrace(db, tmp_path / "one") as trace, isolation_db.unit_of_work(tenant_a, write=True):
             assert _bound_tenant() == tenant_a
         assert trace.round_trips() == 2  # BEGIN + binding + the statement, then COMMIT
+        with _WireTrace(db, tmp_path / "read") as trace, isolation_db.unit_of_work(tenant_a):
+            assert _bound_tenant() == tenant_a
+            assert _bound_tenant() == tenant_a
+        assert trace.round_trips() == 2  # a read: binding + statement, one round trip each, no BEGIN/COMMIT
+        assert "Query" not in trace.sent()
         with _WireTrace(db, tmp_path / "none") as trace:
             with isolation_db.unit_of_work(tenant_a):
                 pass
@@ -287,3 +325,29 @@ def test_a_failing_first_statement_rolls_back_and_leaves_no_binding(db):
         with isolation_db.unit_of_work(write=True):
             assert _bound_tenant() is None
             assert db.execute_sql("SELECT count(*) FROM tenants").fetchone()[0] == 0  # RLS: no tenant, no rows
+
+
+@postgres_only
+def test_the_configurators_agents_page_is_one_round_trip_per_request(db, tmp_path):
+    """`GET /agents`' database work: a pooled connection handed out again without `SELECT 1` or
+    `SET ROLE`, the binding and the membership-with-page statement in one pipeline, and no COMMIT."""
+    from datetime import timedelta
+
+    from configurator.api.deps import Principal
+    from isolation.ids import utcnow
+
+    tenant_a, _agents, account = make_tenant(3)
+    expires = utcnow() + timedelta(days=1)
+    Scoped(IsolationContext(tenant_a)).refresh_tokens.issue("jti-rt", account, expires, session_id="s1")
+    principal = Principal(account, tenant_a, "s1")
+    isolation_db.close_connection()
+    for _ in range(6):  # psycopg prepares a statement on its fifth run: measure the steady state
+        principal.agents_page(50, 0)
+    with isolation_db.connection():
+        conn = db.connection()
+    with _WireTrace(db, tmp_path / "page") as trace:  # traces that (now idle) pooled connection
+        isolation_db.close_connection()
+        items, more = principal.agents_page(50, 0)
+    assert len(orjson.loads(items)) == 3 and more is False
+    assert trace.round_trips() == 1 and trace.sent().count("Parse") == 0  # prepared statements
+    assert db.is_closed() and db._connections[0][2] is conn
