@@ -234,9 +234,15 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
         return None
 
     def rollback(self):
-        if self._end():
-            return super().rollback()
-        return None
+        if not self._end():
+            return None
+        conn = self._state.conn
+        if conn is not None and conn.closed:
+            # The connection was lost (its first statement found it cut, as no check-out round trip
+            # tests it any more): the server ended the transaction with it, there is nothing to roll
+            # back, and trying would bury the outage's own error under "the connection is closed".
+            return None
+        return super().rollback()
 
     def close(self):
         self._state.prelude = []
