@@ -6,12 +6,13 @@ decisions below are made there and nowhere else), `close_database()` at shutdown
 
 * SQLite (default, embedded): WAL, foreign keys on, a busy timeout; writes take `BEGIN IMMEDIATE`
   so concurrent writers queue on the busy timeout instead of failing on a lock upgrade.
-* PostgreSQL: pooled psycopg 3 connections that `SET ROLE` to the application role, so row-level
-  security applies; every scoped statement runs in a transaction that first calls
-  `set_config('app.tenant_id', <tenant>, true)` (transaction-local, gone when it ends). A write
-  transaction sends `BEGIN` and the binding with its first statement; a read outside any transaction sends
-  each statement with its own binding in one pipeline (one implicit transaction, read-only), so it
-  needs no `BEGIN`/`COMMIT` at all (docs/PERFORMANCE.md, docs/SECURITY.md).
+* PostgreSQL: pooled psycopg 3 connections that run as the application role (a startup option of
+  each connection), so row-level security applies; every scoped statement runs in a transaction
+  that first calls `set_config('app.tenant_id', <tenant>, true)` (transaction-local, gone when it
+  ends). A write transaction sends `BEGIN` and the binding with its first statement; a read outside
+  any transaction sends each statement with its own binding in one pipeline (one implicit,
+  read-only transaction), so it needs no `BEGIN`/`COMMIT` at all (docs/PERFORMANCE.md,
+  docs/SECURITY.md).
 """
 
 from __future__ import annotations
