@@ -404,6 +404,10 @@ def test_one_stream_through_two_repliers_is_answered_in_order(cluster, fake_llm)
     texts = [re.search(r"r\d c\d", str(m)).group(0) for m in rows if m["direction"] == "in"]
     calls = [str(r["messages"]) for r in fake_llm.requests if r.get("model") == "fake-sleep-0.3"]
     assert len(calls) == 10
+    # The model was asked in the order the messages were stored (arrival order, across repliers) ...
+    asked = [re.findall(r"r\d c\d", call)[-1] for call in calls]
+    assert asked == texts, (asked, texts)
+    # ... and each call saw the exchange before it.
     for before, call in zip(texts, calls[1:], strict=False):
         assert before in call, (before, call)
 

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import orjson
 
@@ -263,6 +263,9 @@ def _inbound_fields(inbound: Inbound) -> dict:
         "sender_user_id": inbound.user_id,
         "sender_nickname": inbound.nickname,
         "reply_to": inbound.reply_to,
+        # when it reached this replier: history lists a stream's messages in arrival order, whichever
+        # database worker or replier commits first (`replier.stream_locks`)
+        "created_at": datetime.fromtimestamp(inbound.received_at, UTC).replace(tzinfo=None),
     }
 
 

@@ -22,7 +22,7 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import maim_message  # noqa: F401  (installs its logger; silenced below)
@@ -119,6 +119,9 @@ class Inbound:
     user_id_json: str | int | None = None
     group_id_json: str | int | None = None
     media_chars: int = 0  # characters of inline media data the placeholders replaced
+    # When it reached this replier (wall clock): its stored time and its place in its stream's order,
+    # whichever replier or database worker gets to store it first (`replier.stream_locks`).
+    received_at: float = field(default_factory=time.time)
 
     @property
     def route(self) -> Route:

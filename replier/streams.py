@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from isolation import Scoped
 from isolation.context import IsolationContext
@@ -28,7 +28,7 @@ from replier.faults import reply_fault
 from replier.gate import KeyUsage
 from replier.protocol import Inbound
 from replier.stage import Shared, Stage
-from replier.stream_locks import NoStreamLocks, StreamLocks
+from replier.stream_locks import NoStreamLocks, StreamLocks, Turn
 
 log = logging.getLogger("replier")
 
@@ -49,6 +49,7 @@ class Item:
     started: float
     stored: asyncio.Task | None = None  # `Answerer.store_early`, when it arrived while its stream was busy
     stored_id: str | None = None  # known up front for a recovered message
+    turn: Turn = field(default_factory=Turn)  # its place in the stream's cross-replier queue (arrival time)
 
 
 async def _nothing(key: StreamKey, sid: str | None, inbound: Inbound) -> None:
@@ -126,7 +127,7 @@ class Streams(Stage):
         self.connections.subscribe(conn, key)
         self.metrics.messages_in.inc()
         self.usage.count(conn.tenant_id, conn.key_id)
-        item = Item(conn.sid, inbound, time.perf_counter())
+        item = Item(conn.sid, inbound, time.perf_counter(), turn=Turn(inbound.received_at))
         queue = self._queues.get(key)
         if queue is not None:
             item.stored = asyncio.create_task(self._store_early(key, item))
@@ -172,11 +173,16 @@ class Streams(Stage):
 
     async def _drain(self, key: StreamKey) -> None:
         queue = self._queues[key]
+
+        def following() -> Turn | None:  # this stream's next message here, when the lock is given back
+            return queue[0].turn if queue else None
+
         try:
             while queue:
                 item = queue.popleft()
                 try:
-                    async with self.locks.hold(key) as moved:
+                    on_wait = functools.partial(self._store_while_waiting, key, item)
+                    async with self.locks.hold(key, item.turn, following, on_wait) as moved:
                         if moved:
                             self.answerer.cache.forget_context(key)
                         await self._process(key, item)
@@ -199,6 +205,13 @@ class Streams(Stage):
             del self._queues[key]
             if self._inflight == 0:
                 self._idle.set()
+
+    def _store_while_waiting(self, key: StreamKey, item: Item) -> None:
+        """Another replier holds the stream (REDIS_URL): store the message now, as a busy stream's,
+        so it is acknowledged (and takes its place in the stored order) without waiting for that
+        replier's answer."""
+        if item.stored is None and item.stored_id is None:
+            item.stored = asyncio.create_task(self._store_early(key, item))
 
     async def _process(self, key: StreamKey, item: Item) -> None:
         if item.stored is not None:

@@ -379,9 +379,11 @@ def insert_exchange(scope: Scope, inbound: dict, reply: dict, usage: dict) -> tu
     One statement on PostgreSQL (a data-modifying CTE: one round trip for the whole exchange). When
     the inbound id is already stored nothing is written: the caller takes the general path
     (`ChatSession.store_inbound`)."""
-    now = utcnow()  # the reply is one microsecond younger: the history's order never depends on ids
-    inbound_params = _message_params(scope, **inbound, created_at=now)
-    reply_params = _message_params(scope, **reply, created_at=now + _MICROSECOND)
+    # The inbound row keeps its given time (when it arrived), else now; the reply is at least one
+    # microsecond younger: the history's order never depends on ids.
+    received = inbound.get("created_at") or utcnow()
+    inbound_params = _message_params(scope, **{**inbound, "created_at": received})
+    reply_params = _message_params(scope, **reply, created_at=max(utcnow(), received + _MICROSECOND))
     usage_params = _usage_params(scope, **usage)
     if not _db.is_postgres():
         statements = _chat_sql(_db.database.obj.param)

@@ -1,5 +1,6 @@
-"""replier/stream_locks.py against a real Redis: one holder per stream, the last owner remembered,
-expiry as the bound, and answering without the lock (one warning) while Redis fails."""
+"""replier/stream_locks.py against a real Redis: one holder per stream, taken in arrival order, the
+last owner remembered, expiry as the bound, dead waiters dropped, and answering without the lock (one
+warning) while Redis fails."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 
 import pytest
 
-from replier.stream_locks import NoStreamLocks, StreamLocks
+from replier.stream_locks import STALE_WAITER_SECONDS, NoStreamLocks, StreamLocks, Turn
 from testsupport.redis_server import PrivateRedis, require_redis, unique_prefix
 
 KEY = ("t_1", "agt_1", "qq", "cs_1")
@@ -44,6 +45,78 @@ def test_one_holder_at_a_time_and_the_takeover_is_reported(redis_url):
         async with first.hold(("t_1", "agt_1", "qq", "cs_other")) as moved:  # another stream: free
             assert moved is False
         for locks in (first, second):
+            await locks.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_lock_goes_to_the_message_that_arrived_first_whichever_instance_polls_first(redis_url):
+    """r1 answers; r2 and r3 wait with messages that arrived at 2 and 3, r1 has its next one (arrived
+    at 1) queued behind the one it answers, and r4's arrived at 0.5 but only asks once r1 is busy
+    with its second. The lock goes 1 (r1, entered when it gave the lock back), 0.5, 2, 3."""
+
+    async def scenario():
+        prefix = unique_prefix()
+        instances = {name: StreamLocks(redis_url, prefix, name, 5) for name in ("r1", "r2", "r3", "r4")}
+        order: list[str] = []
+        first_done = asyncio.Event()
+
+        async def answer(name: str, arrived: float, pause: float, following: Turn | None = None) -> None:
+            async with instances[name].hold(KEY, Turn(arrived), lambda: following):
+                order.append(f"{name}@{arrived}")
+                await asyncio.sleep(pause)
+
+        r1_next = Turn(1.0)
+
+        async def r1() -> None:
+            await answer("r1", 0.0, 0.2, following=r1_next)
+            first_done.set()
+            async with instances["r1"].hold(KEY, r1_next):
+                order.append("r1@1.0")
+                await asyncio.sleep(0.1)
+
+        async def r4() -> None:
+            await first_done.wait()
+            await answer("r4", 0.5, 0)
+
+        tasks = [asyncio.create_task(r1())]
+        await asyncio.sleep(0.05)  # r1 holds the lock
+        tasks += [asyncio.create_task(answer("r3", 3.0, 0)), asyncio.create_task(answer("r2", 2.0, 0))]
+        tasks.append(asyncio.create_task(r4()))
+        await asyncio.gather(*tasks)
+        assert order == ["r1@0.0", "r1@1.0", "r4@0.5", "r2@2.0", "r3@3.0"]
+        for locks in instances.values():
+            await locks.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_that_stops_asking_is_dropped_and_a_cancelled_one_leaves_at_once(redis_url):
+    """A waiter at the head that stops polling (its replier died) holds the queue for
+    STALE_WAITER_SECONDS, not for ever; a cancelled waiter (shutdown) leaves the queue at once."""
+
+    async def scenario():
+        prefix = unique_prefix()
+        holder, dying, cancelled, patient = (StreamLocks(redis_url, prefix, n, 30) for n in ("h", "d", "c", "p"))
+        loop = asyncio.get_running_loop()
+        holding = holder.hold(KEY, Turn(0.0))
+        await holding.__aenter__()
+        # "d" enters the queue (arrived at 1) with one poll, then its replier dies.
+        keys = dying._keys(KEY)
+        assert (await dying._take(keys=keys, args=["d:x", 30_000, "1.0", 2000, 60_000]))[0] == 0
+        # "c" (arrived at 0.5) waits and is cancelled: it must not hold up "p".
+        waiting = asyncio.create_task(cancelled.hold(KEY, Turn(0.5)).__aenter__())
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        queue = await holder._client.zrange(keys[2], 0, -1)
+        assert queue == [b"d:x"]
+        await holding.__aexit__(None, None, None)
+        started = loop.time()
+        async with patient.hold(KEY, Turn(2.0)):
+            waited = loop.time() - started
+        assert STALE_WAITER_SECONDS - 0.5 < waited < STALE_WAITER_SECONDS + 2
+        for locks in (holder, dying, cancelled, patient):
             await locks.aclose()
 
     asyncio.run(scenario())
