@@ -65,6 +65,7 @@ def cluster(provisioned, configured_db) -> Iterator[Cluster]:
         "LIMITS_REFRESH_SECONDS": "60",  # ... or a suspended tenant's
         "LIMIT_WINDOW_SECONDS": "3600",  # the limit tests' counts fall in one window
         "LOGIN_RATE_LIMIT": str(LOGIN_LIMIT),
+        "REGISTER_RATE_LIMIT": "100",  # every test registers its tenants from 127.0.0.1 (10 an hour by default)
         "PASSWORD_HASH_TIME_COST": "1",
         "PASSWORD_HASH_MEMORY_KIB": "8192",
         "SHUTDOWN_GRACE_SECONDS": "3",

@@ -260,6 +260,30 @@ def test_a_tenant_message_limit_is_enforced_once_across_both_repliers(cluster):
     assert stored == {"lim-0", "lim-1", "lim-2"}  # nothing of the refused ones
 
 
+def test_a_tenant_connection_limit_is_enforced_once_across_both_repliers(cluster):
+    """connections 2, counted in Redis: one client on each replier, and a third is refused on either."""
+    tenant = Tenant(cluster)
+    Scoped(IsolationContext(tenant.tenant_id)).tenant.set_limits({"connections": 2})
+
+    async def scenario() -> list[dict | None]:
+        placed = await connect_spread(cluster, tenant.secret, 2)
+        assert sorted(where for _, where in placed) == [0, 1]
+        headers = {"x-apikey": tenant.secret, "x-platform": "qq"}
+        try:
+            refusals = [await socketio_connect(cluster.replier_url, headers) for _ in range(4)]
+            await placed[0][0].stop()
+            await wait_for(lambda: sum(connections(cluster)) == 1)
+            refusals.append(await socketio_connect(cluster.replier_url, headers))  # a place is free again
+            return refusals
+        finally:
+            for client, _ in placed:
+                await client.stop()
+
+    refusals = run(scenario())
+    assert all("limit of 2 open connections" in r["message"] for r in refusals[:4]), refusals
+    assert refusals[4] is None
+
+
 def test_a_tenant_request_limit_is_shared_by_the_configurator_workers(cluster):
     """requests_per_minute 5, counted in Redis: 5 requests pass in total, each on a new connection
     (so the kernel hands them to either worker), then 429 with Retry-After."""

@@ -16,7 +16,8 @@ Where each is counted (docs/OPERATORS.md, "Counting"):
   (`isolation.redis_counter`: one count for every replier and configurator worker, an INCRBY + PEXPIRE
   per `key:window_start` in one Lua script), in this process (`FixedWindowCounter`) without it and
   during a Redis outage (then each process enforces the limit on its own);
-- `connections`: by each replier in its own process (with N repliers, up to N times the limit);
+- `connections`: in Redis with REDIS_URL (`replier.connection_counts`: per tenant, a field per replier
+  process, dead processes dropped once their alive key expires), else by each replier in its own process;
 - `tokens_per_day`: in each replier, seeded from the tenant's `llm_usage` rows of the budget day, so a
   restart does not reset it (each replier adds only its own calls after the seed).
 """

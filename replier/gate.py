@@ -138,7 +138,7 @@ class Gate(Stage):
             self._refuse(reason.replace(" ", "_"), reason, who)
         await self.limits.load(principal.tenant_id)
         self._check_capacity(who)  # again: other connects may have completed while the lookup ran
-        refused = self.limits.connection_refusal(principal.tenant_id)  # suspended, or at its connections limit
+        refused = await self.limits.connection_refusal(principal.tenant_id)  # suspended, or at its connections limit
         if refused is not None:
             self._refuse(*refused, who)
         conn = Connection(
@@ -169,8 +169,8 @@ class Gate(Stage):
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         conn = self.connections.remove(sid)
         if conn is not None:
-            self.limits.disconnected(conn.tenant_id)
             self.metrics.connections.labels(conn.protocol).dec()
+            await self.limits.disconnected(conn.tenant_id)
 
     def _check_capacity(self, who: tuple[str, str, str]) -> None:
         if len(self.connections) >= self.settings.max_connections:

@@ -23,7 +23,8 @@ What is enforced where (the limits and their defaults: `isolation.limits`):
 Message rates are counted in Redis with REDIS_URL (`isolation.redis_counter.AsyncRedisWindowCounter`,
 awaited on the loop: one count for every replier), else, and during a Redis outage, in this process
 (`FixedWindowCounter`, bounded: least recent keys dropped beyond 100,000). Connections are counted
-per process: with several repliers a tenant may hold up to that many times its limit. The token
+in Redis too with REDIS_URL (`replier.connection_counts`: one limit for every replier), else, and
+while Redis fails, in this process. The token
 budget is seeded from the tenant's `llm_usage` rows of the budget day when its limits are first
 loaded and at each new budget day, so a restart does not reset it. Operators' overrides and
 suspensions reach this replier at once as a "tenant" change signal (REDIS_URL, `reload`), and are
@@ -61,6 +62,7 @@ from isolation.limits import (
 )
 from isolation.operators import tenant_controls
 from isolation.redis_counter import AsyncRedisWindowCounter, async_client
+from replier.connection_counts import SharedConnectionCounts
 from replier.connections import Connection, ConnectionRegistry
 from replier.core.config import ReplierSettings
 from replier.logthrottle import ThrottledLog
@@ -165,12 +167,13 @@ class TenantLimiter:
         self.outbox = outbox
         self.process_id = "rep_" + secrets.token_hex(8)
         self.messages = FixedWindowCounter()  # without REDIS_URL; with it, the fallback during an outage
-        # With REDIS_URL the message rates are one count for every replier of the deployment.
+        # With REDIS_URL the message rates and the connections are one count for every replier.
         self.shared_messages: AsyncRedisWindowCounter | None = None
-        if settings.redis_url:
-            self.shared_messages = AsyncRedisWindowCounter(
-                async_client(settings.redis_url), settings.redis_prefix, fallback=self.messages
-            )
+        self.shared_connections: SharedConnectionCounts | None = None
+        self._redis = async_client(settings.redis_url) if settings.redis_url else None
+        if self._redis is not None:
+            self.shared_messages = AsyncRedisWindowCounter(self._redis, settings.redis_prefix, fallback=self.messages)
+            self.shared_connections = SharedConnectionCounts(self._redis, settings.redis_prefix, self.process_id)
         self.tokens = FixedWindowCounter()
         self.open: Counter[str] = Counter()  # open connections per tenant
         self._entries: dict[str, _Entry] = {}
@@ -219,9 +222,16 @@ class TenantLimiter:
             await self._seed([tenant_id])
         return 0
 
+    async def heartbeat(self) -> None:
+        """Keep this replier's connection counts alive in Redis (`replier.connection_counts`)."""
+        if self.shared_connections is not None:
+            await self.shared_connections.heartbeat(dict(self.open))
+
     async def aclose(self) -> None:
-        if self.shared_messages is not None:
-            await self.shared_messages.aclose()
+        if self.shared_connections is not None:
+            await self.shared_connections.leave(dict(self.open))
+        if self._redis is not None:
+            await self._redis.aclose()
 
     def _apply(self, controls: dict[str, TenantControl]) -> None:
         now = time.monotonic()
@@ -229,13 +239,20 @@ class TenantLimiter:
             self._entries[tenant_id] = _Entry(control, control.limits(self.settings), now)
 
     # -- connections --------------------------------------------------------------------------
-    def connection_refusal(self, tenant_id: str) -> tuple[str, str] | None:
-        """(code, reason) when the tenant may not open another connection now."""
+    async def connection_refusal(self, tenant_id: str) -> tuple[str, str] | None:
+        """(code, reason) when the tenant may not open another connection now.
+
+        With REDIS_URL the tenant's connections on every replier count (and None means this one was
+        counted there: the caller must then call `connected`, with no await in between); when Redis
+        fails, this replier's own count decides."""
         if self.suspended(tenant_id):
             self._throttle(tenant_id, "suspended", 0)
             return "tenant_suspended", SUSPENDED_REASON
         limit = self.limits(tenant_id).connections
-        if limit and self.open[tenant_id] >= limit:
+        counted = None
+        if self.shared_connections is not None:
+            counted = await self.shared_connections.admit(tenant_id, limit, dict(self.open))
+        if counted is False or (counted is None and limit and self.open[tenant_id] >= limit):
             self._throttle(tenant_id, "connections", limit)
             return "tenant_connections", f"this tenant already has its limit of {limit} open connections"
         return None
@@ -243,10 +260,12 @@ class TenantLimiter:
     def connected(self, tenant_id: str) -> None:
         self.open[tenant_id] += 1
 
-    def disconnected(self, tenant_id: str) -> None:
+    async def disconnected(self, tenant_id: str) -> None:
         self.open[tenant_id] -= 1
         if self.open[tenant_id] <= 0:
             del self.open[tenant_id]
+        if self.shared_connections is not None:
+            await self.shared_connections.release(tenant_id)
 
     # -- messages -----------------------------------------------------------------------------
     async def admit(self, conn: Connection, inbound: Inbound) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from isolation.signals import Signal
 from replier.answer import Answerer
+from replier.connection_counts import ALIVE_REFRESH_SECONDS
 from replier.connections import ConnectionRegistry
 from replier.core.config import ReplierSettings
 from replier.faults import report
@@ -125,6 +126,13 @@ class Replier:
         ]
         if self.signals is not None:
             self.tasks.append(asyncio.create_task(self.signals.run(), name="replier-signals"))
+        if self.limits.shared_connections is not None:
+            self.tasks.append(
+                asyncio.create_task(
+                    self._every(ALIVE_REFRESH_SECONDS, self.limits.heartbeat, "connection counts heartbeat"),
+                    name="replier-connection-counts",
+                )
+            )
 
     async def on_signal(self, signal: Signal) -> int:
         """A key, agent or tenant changed (another process said so): act on it now, for that tenant only.

@@ -73,7 +73,7 @@ def test_refresh_reports_presence_forgets_idle_tenants_and_bounds_tenant_labels(
             _gauge(metrics, "replier_tenant_budget_used_ratio", second.tenant_id),
             _gauge(metrics, "replier_tenant_tokens_used", first.tenant_id),
         )
-        limiter.disconnected(first.tenant_id)
+        await limiter.disconnected(first.tenant_id)
         monkeypatch.setattr(limits_module, "CONTROL_KEEP_SECONDS", -1.0)
         await limiter.refresh()
         return reported, labelled, set(limiter._entries), _connections(first.tenant_id)
@@ -97,11 +97,11 @@ def test_unknown_tenants_get_the_defaults_and_the_throttle_counts_reset_with_the
     ta = make_tenant()
 
     async def scenario(limiter: TenantLimiter, metrics: Metrics):
-        assert limiter.connection_refusal("ten_never_loaded") is None  # defaults, not suspended
+        assert await limiter.connection_refusal("ten_never_loaded") is None  # defaults, not suspended
         Scoped(IsolationContext(ta.tenant_id)).tenant.set_limits({"connections": 1})
         await limiter.load(ta.tenant_id)
         limiter.connected(ta.tenant_id)
-        refused = limiter.connection_refusal(ta.tenant_id)
+        refused = await limiter.connection_refusal(ta.tenant_id)
         await limiter.refresh()
         throttled = _gauge(metrics, "replier_tenant_throttled", ta.tenant_id)
         limiter._throttled_window = -1.0  # as if a new budget day began
