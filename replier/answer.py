@@ -58,6 +58,7 @@ class Answerer(Stage):
             backoff=settings.llm_retry_backoff_seconds,
             concurrency=settings.llm_concurrency,
             tenant_concurrency=settings.llm_tenant_concurrency,
+            max_providers=settings.llm_max_providers,
         )
         breakers = Breakers(settings.llm_breaker_failures, settings.llm_breaker_cooldown_seconds)
         self.guard = LlmGuard(breakers, settings.llm_deadline_seconds)  # fairness: replier/llm/guarded.py

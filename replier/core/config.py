@@ -98,6 +98,9 @@ class ReplierSettings(EgressSettings):
     llm_breaker_metric_tenants: int = Field(
         default=10, ge=0, le=100, description="tenants labelled in replier_llm_breakers_open_tenant (top N)"
     )
+    llm_max_providers: int = Field(
+        default=256, ge=1, description="idle LLM endpoint clients kept (URL + key); least recently used dropped"
+    )
     llm_memory_extraction: bool = True
 
     # Per-tenant limits (replier/limits.py; the limits themselves are shared settings, isolation/config.py)
