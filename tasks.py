@@ -316,6 +316,22 @@ def status(c: Context, run_dir: str | None = None, configurator_url: str | None 
         raise Exit(code=1)
 
 
+def _signal_tenants(tenant_ids: list[str]) -> None:
+    """With REDIS_URL, tell every replier that these tenants changed (isolation/signals.py), as the
+    configurator does for the same change through the API; without it, repliers see it at their
+    periodic check."""
+    from isolation.config import get_base_settings
+    from isolation.signals import RedisPublisher, Signal
+
+    settings = get_base_settings()
+    if not settings.redis_url:
+        return
+    signals = RedisPublisher(settings.redis_url, settings.redis_prefix)
+    for tenant_id in tenant_ids:
+        signals.publish(Signal("tenant", tenant_id))
+    signals.close()
+
+
 @task(
     help={
         "prefix": "delete the accounts whose username starts with PREFIX (a run id such as "
@@ -359,6 +375,7 @@ def cleanup(
         left = [a["username"] for a in isolation_cleanup.accounts_with_prefix(prefix)]
     else:
         counts, left = isolation_cleanup.delete_tenant(tenant), []
+        _signal_tenants([tenant])  # its replier connections close at once (their keys are gone)
     table = Table(title=f"rows deleted ({'prefix ' + prefix if prefix is not None else 'tenant ' + tenant})")
     table.add_column("table")
     table.add_column("rows", justify="right")
@@ -455,12 +472,8 @@ def tenant_limits(
     finally:
         isolation_db.close_database()
     settings = get_base_settings()
-    if changes and settings.redis_url:
-        from isolation.signals import RedisPublisher, Signal
-
-        signals = RedisPublisher(settings.redis_url, settings.redis_prefix)
-        signals.publish(Signal("tenant", tenant))
-        signals.close()
+    if changes:
+        _signal_tenants([tenant])
     limits, base = effective(overrides, settings).as_dict(), defaults(settings)
     print(f"tenant {tenant}: effective limits (0 = unlimited)")
     for name in LIMIT_NAMES:

@@ -3,20 +3,25 @@ usage and presence, and the `invoke create-operator` / `invoke tenant-limits` ta
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
 
 from isolation import IsolationContext, NotFound, Scoped, system
 from isolation.config import BaseServiceSettings
 from isolation.ids import utcnow
 from isolation.limits import LIMIT_NAMES, FixedWindowCounter, check_overrides, defaults, effective, window_start
 from isolation.operators import tenant_controls
+from isolation.signals import signals_channel
+from testsupport.redis_server import require_redis, unique_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -182,3 +187,42 @@ def test_invoke_create_operator_and_tenant_limits(provisioned, configured_db):
     assert negative.returncode == 2
     unknown = _invoke("tenant-limits", "--tenant", "ten_zz_missing", **app)
     assert unknown.returncode == 1 and "no tenant" in unknown.stderr
+
+
+def test_invoke_tenant_limits_and_cleanup_signal_the_repliers_with_redis(provisioned, configured_db):
+    """With REDIS_URL the tasks publish a "tenant" change signal, as the operator API does, so running
+    repliers apply the change (or close a deleted tenant's connections) at once."""
+    url = require_redis()
+    prefix = unique_prefix()
+    suffix = uuid.uuid4().hex[:8]
+    account = system.create_account(f"sg{suffix}", f"sg{suffix}@example.com", "not-a-real-hash")
+    tenant_id = system.create_tenant(f"t{suffix}", account["id"])["id"]
+    listener = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(signals_channel(prefix))
+    env = {**os.environ, "DATABASE_URL": provisioned.url, "REDIS_URL": url, "REDIS_PREFIX": prefix}
+    if provisioned.app_role:
+        env["DATABASE_APP_ROLE"] = provisioned.app_role
+
+    def invoke(*args: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "invoke", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+
+    def heard() -> list[dict]:
+        events, deadline = [], time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            message = listener.get_message(timeout=0.1)
+            if message is not None:
+                events.append(json.loads(message["data"]))
+        return events
+
+    try:
+        invoke("tenant-limits", "--tenant", tenant_id)  # only reads: nothing changed, nothing published
+        assert heard() == []
+        invoke("tenant-limits", "--tenant", tenant_id, "--connections", "3")
+        assert heard() == [{"kind": "tenant", "tenant_id": tenant_id}]
+        invoke("cleanup", "--tenant", tenant_id)
+        assert heard() == [{"kind": "tenant", "tenant_id": tenant_id}]
+    finally:
+        listener.close()
