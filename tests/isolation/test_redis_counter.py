@@ -189,3 +189,21 @@ def test_a_down_redis_is_not_asked_on_every_call(monkeypatch, prefix):
         counter.take([("k", 100)], 60)
     assert len(calls) == 1
     assert counter.fallback.count("k", 60) == 20
+
+
+def test_the_async_counter_falls_back_too(prefix):
+    dead = PrivateRedis()  # nothing listens on its port
+
+    async def scenario() -> tuple:
+        counter = AsyncRedisWindowCounter(aioredis.Redis.from_url(dead.url, socket_connect_timeout=0.5), prefix)
+        try:
+            first = await counter.take([("k", 1)], 60)
+            second = await counter.take([("k", 1)], 60)
+            return first, second, await counter.add("k", 60, 4), await counter.count("k", 60)
+        finally:
+            await counter.aclose()
+
+    _fresh_window(60, 5)
+    first, second, added, counted = asyncio.run(scenario())
+    assert first is None and second is not None and second.index == 0
+    assert added == 5 and counted == 5

@@ -167,3 +167,40 @@ def test_redis_down_counts_per_replier_and_recounts_when_it_is_back(configured_d
     warnings = [r.getMessage() for r in caplog.records if "connection limits: Redis failed" in r.getMessage()]
     assert len(warnings) == 2  # one per replier and outage, not one per connect
     assert "counting connections there" in caplog.text
+
+
+def test_redis_lost_under_open_connections_is_logged_once_and_nothing_raised(configured_db, caplog):
+    ta = make_tenant()
+    private = PrivateRedis().start()
+
+    async def scenario(store: Store):
+        (limiter,) = await _limiters(1, store, redis_url=private.url, redis_prefix=unique_prefix())
+        assert await _connect(limiter, ta.tenant_id) is None  # counted in Redis
+        private.stop()
+        await limiter.disconnected(ta.tenant_id)  # the release fails: logged, written again later
+        assert await _connect(limiter, ta.tenant_id) is None  # the local count decides
+        await limiter.disconnected(ta.tenant_id)  # during the outage nothing is sent
+        await limiter.aclose()  # the goodbye fails quietly (the alive key expires by itself)
+        return dict(limiter.open)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="replier"):
+            assert _with_store(scenario) == {}
+    finally:
+        private.stop()
+    assert caplog.text.count("connection limits: Redis failed") == 1
+
+
+def test_a_replier_that_never_reached_redis_checks_its_own_count(configured_db):
+    ta = make_tenant()
+    Scoped(IsolationContext(ta.tenant_id)).tenant.set_limits({"connections": 1})
+    dead = PrivateRedis()  # nothing listens on its port
+
+    async def scenario(store: Store):
+        (limiter,) = await _limiters(1, store, redis_url=dead.url, redis_prefix=unique_prefix())
+        try:
+            return [await _connect(limiter, ta.tenant_id), await _connect(limiter, ta.tenant_id)]
+        finally:
+            await limiter.aclose()
+
+    assert _with_store(scenario) == [None, "tenant_connections"]
