@@ -351,3 +351,27 @@ def test_the_configurators_agents_page_is_one_round_trip_per_request(db, tmp_pat
     assert len(orjson.loads(items)) == 3 and more is False
     assert trace.round_trips() == 1 and trace.sent().count("Parse") == 0  # prepared statements
     assert db.is_closed() and db._connections[0][2] is conn
+
+
+@postgres_only
+def test_a_transaction_whose_connection_was_lost_ends_with_that_error_alone(db):
+    """No check-out round trip finds a cut connection any more: its first statement does. The
+    rollback then sends nothing (the server ended the transaction), so the outage's own error is
+    what the caller sees, not "the connection is closed" from a failed ROLLBACK on top of it."""
+    import psycopg
+    from peewee import OperationalError
+
+    tenant_a, _agents, _account = make_tenant(0)
+    isolation_db.close_connection()
+    with isolation_db.connection():
+        lost = db.connection()
+        with pytest.raises(OperationalError) as raised, isolation_db.unit_of_work(tenant_a, write=True):
+            lost.close()  # as a server restart would leave it
+            db.execute_sql("SELECT 1")
+        # peewee's wrapper of the driver's error and nothing more: no second error from a ROLLBACK
+        assert isinstance(raised.value.__context__, psycopg.Error)
+        assert raised.value.__context__.__context__ is None
+        assert not db.in_transaction()
+    with isolation_db.connection():  # the pool dropped it; the next user gets a working one
+        assert db.connection() is not lost
+        isolation_db.ping()
