@@ -3,6 +3,7 @@ endpoint that returns the same JSON, in the same run, under the same uvicorn set
 
     python -m perf.bench_configurator --database sqlite
     python -m perf.bench_configurator --database postgresql --duration 10 --connections 16
+    python -m perf.bench_configurator --database postgresql --workers 2   # also: 2 workers vs 1 (issue 15)
 
 Both servers are real `uvicorn` subprocesses (one worker, log level warning). The load comes from a
 separate process: a small asyncio HTTP/1.1 keep-alive client (raw sockets, so the client is not the
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per target")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="also measure the configurator with this many uvicorn workers"
+    )
     args = parser.parse_args(argv)
 
     # Imported here, not at the top: the baseline server imports this module and must stay bare.
@@ -200,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     from testsupport.databases import provision_database
     from testsupport.servers import UNLIMITED_TENANTS, free_port, running_server
 
-    def uvicorn(port: int, *app: str) -> list[str]:
+    def uvicorn(port: int, *app: str, workers: int = 1) -> list[str]:
         """Both servers get the same uvicorn flags (one worker, log level warning, no access log)."""
         flags = ["--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"]
+        if workers > 1:
+            flags += ["--workers", str(workers)]
         return [sys.executable, "-m", "uvicorn", *app, "--port", str(port), *flags]
 
     with provision_database(args.database) as db, tempfile.TemporaryDirectory() as tmp:
@@ -249,9 +255,25 @@ def main(argv: list[str] | None = None) -> int:
                         f"p99 {r['p99_ms']:6.2f} ms  requests {r['requests']}  errors {r['errors']}  "
                         f"CPU/request: server {r['server_cpu_us']:.0f} us, postgres {r['postgres_cpu_us']:.0f} us"
                     )
+                if args.workers > 1:
+                    # The same database and token: the N-worker configurator (its own process tree;
+                    # CPU per request is not split by process here).
+                    multi_port = free_port()
+                    multi_cmd = uvicorn(multi_port, "--factory", "configurator.main:create_app", workers=args.workers)
+                    multi_ready = f"http://127.0.0.1:{multi_port}/health"
+                    name = f"configurator x{args.workers} workers"
+                    with running_server(multi_cmd, env=env, cwd=ROOT, ready_url=multi_ready, name="configurator-n"):
+                        results[name] = r = measure(multi_port, token, args.connections, args.warmup, args.duration)
+                    print(
+                        f"{name:<24} {r['rps']:>8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p95 {r['p95_ms']:6.2f} ms  "
+                        f"p99 {r['p99_ms']:6.2f} ms  requests {r['requests']}  errors {r['errors']}"
+                    )
     ratio = results["configurator"]["rps"] / results["baseline (bare FastAPI)"]["rps"]
     verdict = "meets" if ratio >= 0.5 else "BELOW"
     print(f"ratio configurator/baseline = {ratio:.2f} ({verdict} the 0.5 goal)")
+    if args.workers > 1:
+        scaling = results[f"configurator x{args.workers} workers"]["rps"] / results["configurator"]["rps"]
+        print(f"ratio configurator {args.workers} workers / 1 worker = {scaling:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"database": args.database, "ratio": ratio, **results}, indent=2))
     return 0
