@@ -252,6 +252,16 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
     def savepoint(self):
         return _TenantTrackingSavepoint(self)
 
+    def set_local(self, statement: str) -> None:
+        """Run a transaction-local `SET LOCAL ...` with the transaction's next statement (prelude)."""
+        if not self.in_transaction():
+            raise RuntimeError("SET LOCAL needs an open transaction")
+        prelude = getattr(self._state, "prelude", None)
+        if prelude:
+            prelude.append((statement, None))
+        else:
+            self.execute_sql(statement)
+
     def bind(self, tenant_id: str) -> None:
         in_transaction = self.in_transaction()
         if in_transaction and getattr(self._state, "bound_tenant", None) == tenant_id:
@@ -396,6 +406,28 @@ def bind_tenant(tenant_id: str) -> None:
     never carries one tenant's setting into another's work.
     """
     _bind(_require_configured(), tenant_id)
+
+
+_ASYNCHRONOUS_COMMIT = "SET LOCAL synchronous_commit = off"
+
+
+def commit_without_flush() -> None:
+    """Let the current PostgreSQL transaction's COMMIT return before its WAL reaches the disk.
+
+    `SET LOCAL synchronous_commit = off`: this transaction only (PostgreSQL resets it at its end),
+    sent with the transaction's next statement (no round trip of its own). What that risks: a crash
+    of PostgreSQL or of its host can lose transactions that committed up to about three
+    `wal_writer_delay` (0.6 s by default) before it; never half of one, never corruption. A no-op on
+    SQLite. Call it inside the transaction (`unit_of_work(write=True)`); the replier's store does
+    when `CHAT_SYNCHRONOUS_COMMIT=off` (docs/RELIABILITY.md).
+    """
+    db = _require_configured()
+    if isinstance(db, _AppRolePostgresqlDatabase):
+        db.set_local(_ASYNCHRONOUS_COMMIT)
+    elif isinstance(db, PooledPostgresqlDatabase):
+        if not db.in_transaction():
+            raise RuntimeError("SET LOCAL needs an open transaction")
+        db.execute_sql(_ASYNCHRONOUS_COMMIT)
 
 
 @contextmanager

@@ -81,7 +81,7 @@ def create_app(settings: ReplierSettings | None = None, keyless: KeylessListener
         redis_channel=socketio_channel(settings.redis_prefix),
         instance_name=settings.instance_name,
     )
-    store = Store(workers=1, batch_max=settings.db_batch_max)
+    store = Store(workers=1, batch_max=settings.db_batch_max, synchronous_commit=settings.chat_synchronous_commit)
     replier = Replier(settings, Outbox(sio, metrics), metrics, store)
     replier.gate.keyless = keyless
 

@@ -37,8 +37,12 @@ class StoreClosed(RuntimeError):
 
 
 class Store:
-    def __init__(self, workers: int = 1, batch_max: int = 256, checkpoint_seconds: float = 0.5) -> None:
+    def __init__(
+        self, workers: int = 1, batch_max: int = 256, checkpoint_seconds: float = 0.5, synchronous_commit: bool = True
+    ) -> None:
         self.workers = max(1, workers)
+        # False: PostgreSQL commits the batches without waiting for the WAL flush (CHAT_SYNCHRONOUS_COMMIT).
+        self.synchronous_commit = synchronous_commit
         self.batch_max = max(1, batch_max)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -158,11 +162,15 @@ class Store:
             with contextlib.suppress(RuntimeError):  # loop closed between the check and the call
                 loop.call_soon_threadsafe(_resolve, results)
 
-    @staticmethod
-    def _run_optimistic(batch: list) -> list:
+    def _begin_batch(self) -> None:
+        if not self.synchronous_commit:
+            isolation_db.commit_without_flush()
+
+    def _run_optimistic(self, batch: list) -> list:
         """Every job in one transaction, no savepoints (the common case: nothing fails)."""
         results = []
         with isolation_db.unit_of_work(write=True):  # each job binds its own tenant
+            self._begin_batch()
             for fn, args, future in batch:
                 results.append((future, True, fn(*args)))
         return results
@@ -171,6 +179,7 @@ class Store:
         results: list[tuple[asyncio.Future, bool, Any]] = []
         try:
             with isolation_db.unit_of_work(write=True):
+                self._begin_batch()
                 for fn, args, future in batch:
                     try:
                         with isolation_db.unit_of_work(write=True):  # nested: a savepoint per job

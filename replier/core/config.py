@@ -66,6 +66,10 @@ class ReplierSettings(EgressSettings):
     # Database work
     db_workers: int = Field(default=0, ge=0, le=64, description="0 = 1 for SQLite, 2 for PostgreSQL")
     db_batch_max: int = Field(default=256, ge=1)
+    chat_synchronous_commit: bool = Field(
+        default=True,
+        description="PostgreSQL: off = chat batches commit without waiting for the WAL flush (docs/RELIABILITY.md)",
+    )
     agent_cache_seconds: float = Field(default=2.0, ge=0)
     context_cache_seconds: float = Field(default=5.0, ge=0, description="history/memory cache per stream; 0 = off")
     usage_flush_seconds: float = Field(default=5.0, gt=0)

@@ -375,3 +375,26 @@ def test_a_transaction_whose_connection_was_lost_ends_with_that_error_alone(db):
     with isolation_db.connection():  # the pool dropped it; the next user gets a working one
         assert db.connection() is not lost
         isolation_db.ping()
+
+
+@postgres_only
+def test_commit_without_flush_is_local_to_its_transaction_and_costs_no_round_trip(db, tmp_path):
+    def setting() -> str:
+        return db.execute_sql("SELECT current_setting('synchronous_commit')").fetchone()[0]
+
+    with isolation_db.connection():
+        with pytest.raises(RuntimeError, match="open transaction"):
+            isolation_db.commit_without_flush()
+        for _ in range(6):  # psycopg prepares a statement on its fifth run: measure the steady state
+            with isolation_db.unit_of_work(write=True):
+                isolation_db.commit_without_flush()
+                setting()
+        with _WireTrace(db, tmp_path / "relaxed") as trace, isolation_db.unit_of_work(write=True):
+            isolation_db.commit_without_flush()
+            assert setting() == "off"
+        assert trace.round_trips() == 2  # BEGIN + SET LOCAL + the statement, then COMMIT
+        with isolation_db.unit_of_work(write=True):
+            assert setting() == "on"
+            isolation_db.commit_without_flush()  # after a statement: sent at once, still transaction-local
+            assert setting() == "off"
+        assert setting() == "on"

@@ -35,6 +35,7 @@ from replier.protocol import (
     segment_text,
 )
 from replier.store import Store, StoreClosed
+from testsupport.wiretrace import WireTrace
 
 
 def _code(fn, *args) -> str:
@@ -300,6 +301,46 @@ def test_ingest_checks_its_context_and_touches_known_streams(configured_db):
     assert [m["message_id"] for m in ta.history("qq", user_id="u1")] == ["i-2", "i-3"]
 
 
+def test_an_offline_answer_is_stored_with_its_message_in_one_round_trip(configured_db, tmp_path):
+    ta = make_tenant(config={"memory": {"enabled": False}})
+    ctx = ta.stream_ctx("qq", user_id="u1")
+    with isolation_db.unit_of_work(write=True):
+        first = db_jobs.ingest(db_jobs.IngestRequest(ctx, _inbound("i-1")))
+    offline = db_jobs.AnswerOffline(LlmDefaults())
+
+    def ingest(message_id: str, text: str = "hello") -> db_jobs.IngestResult:
+        request = db_jobs.IngestRequest(
+            ctx, _inbound(message_id, text=text), stream_known=True, cached_agent=first.agent, check_agent=False,
+            need_history=False, need_memories=False, offline=offline,
+        )  # fmt: skip
+        with isolation_db.unit_of_work(write=True):
+            return db_jobs.ingest(request)
+
+    with isolation_db.connection():
+        for n in range(6):  # psycopg prepares a statement at its 5th use, with a round trip of its own
+            assert ingest(f"w-{n}").answer is not None
+        if isolation_db.is_postgres():
+            with WireTrace(configured_db, tmp_path / "trace") as trace:
+                new = ingest("i-2")
+            assert trace.round_trips() == 2  # BEGIN + binding + message, reply and usage; COMMIT
+        else:
+            new = ingest("i-2")
+    assert new.created and new.answer is not None and new.answer.reply_id == "mt-reply:i-2"
+    # A resend is answered from the stored reply; a reused id with new content is a new message.
+    resent = ingest("i-2")
+    assert not resent.created and resent.reply == {"message_id": "mt-reply:i-2", "text": new.answer.text}
+    reused = ingest("i-2", text="something else")
+    assert reused.created and reused.stored_id.startswith("i-2#") and reused.answer.reply_id.endswith(reused.stored_id)
+    history = [(m["message_id"], m["direction"]) for m in ta.history("qq", user_id="u1")]
+    assert history[:3] == [("i-1", "in"), ("w-0", "in"), ("mt-reply:w-0", "out")]
+    assert history[13:] == [
+        ("i-2", "in"), ("mt-reply:i-2", "out"),
+        (reused.stored_id, "in"), ("mt-reply:" + reused.stored_id, "out"),
+    ]  # fmt: skip
+    usage = Scoped(ctx).llm_usage.list()
+    assert len(usage) == 8 and {u["chat_stream_id"] for u in usage} == {ctx.chat_stream_id}
+
+
 # -- store ------------------------------------------------------------------------------------------
 def test_store_finishes_queued_jobs_on_stop_and_then_refuses_work(configured_db):
     started, release = threading.Event(), threading.Event()
@@ -330,6 +371,37 @@ def test_store_finishes_queued_jobs_on_stop_and_then_refuses_work(configured_db)
     results, batches, jobs = asyncio.run(scenario())
     assert results == ["first", 2, 4]
     assert (batches, jobs) == (2, 4)
+
+
+def _commit_setting() -> str:
+    """The current transaction's `synchronous_commit` ("sqlite" there: it has no such setting)."""
+    if not isolation_db.is_postgres():
+        return "sqlite"
+    return isolation_db.database.execute_sql("SELECT current_setting('synchronous_commit')").fetchone()[0]
+
+
+def test_chat_batches_commit_without_flush_only_when_configured_and_only_in_their_transaction(configured_db):
+    def failing():
+        raise ValueError("this job fails: the batch runs again, one savepoint per job")
+
+    async def scenario():
+        store = Store(workers=1, batch_max=64, checkpoint_seconds=0, synchronous_commit=False)
+        store.start()
+        relaxed = await store.run(_commit_setting)
+        together = await asyncio.gather(store.run(_commit_setting), store.run(failing), return_exceptions=True)
+        store.synchronous_commit = True  # the same worker and connection: the next transaction is durable
+        durable = await store.run(_commit_setting)
+        await asyncio.to_thread(store.stop)
+        return relaxed, together, durable
+
+    relaxed, together, durable = asyncio.run(scenario())
+    with isolation_db.connection(), isolation_db.unit_of_work(write=True):
+        outside = _commit_setting()  # any other transaction (the configurator's, say) keeps the server's setting
+    if isolation_db.is_postgres():
+        assert relaxed == "off" and durable == "on" and outside == "on"
+        assert together[0] == "off" and isinstance(together[1], ValueError)
+    else:  # SQLite: the option changes nothing (its own trade-off is synchronous=NORMAL in WAL mode)
+        assert relaxed == durable == outside == together[0] == "sqlite"
 
 
 def test_a_sender_without_user_id_speaks_in_its_group():

@@ -1,0 +1,32 @@
+"""Count what a PostgreSQL connection sends, with libpq's own protocol trace (no stand-in)."""
+
+from __future__ import annotations
+
+
+class WireTrace:
+    """libpq's protocol trace of a peewee PostgreSQL database's current connection for the block.
+
+    `round_trips()` counts the client's Sync (extended protocol, one per pipeline) and Query
+    (simple protocol) messages: each is one wait for the server.
+    """
+
+    def __init__(self, db, path) -> None:
+        self.db, self.path = db, path
+
+    def __enter__(self) -> WireTrace:
+        self.file = open(self.path, "w")
+        self.pgconn = self.db.connection().pgconn
+        self.pgconn.trace(self.file.fileno())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pgconn.untrace()
+        self.file.close()
+
+    def sent(self) -> list[str]:
+        """The message types the client sent, in order (Parse, Bind, Execute, Sync, Query, ...)."""
+        with open(self.path) as fh:
+            return [line.split("\t")[3].strip() for line in fh if line.split("\t")[1:2] == ["F"]]
+
+    def round_trips(self) -> int:
+        return sum(1 for kind in self.sent() if kind in ("Sync", "Query"))
