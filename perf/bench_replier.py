@@ -4,6 +4,11 @@
     python -m perf.bench_replier --hold 3000     # also: 3,000 open connections, 50 of them chatting
     python -m perf.bench_replier --db sqlite --messages 200
     python -m perf.bench_replier --db postgresql --replicas 2   # also 1 and 2 repliers behind HAProxy
+    python -m perf.bench_replier --db postgresql --code-dir /tmp/before   # + the replier of another tree
+
+With PostgreSQL the note column gives the CPU each message cost in the replier process and in the
+PostgreSQL backends of the run's database (from /proc, over the timed run and its warm-up), and the
+store's jobs per batch (its /health counters): figures that hold better than rates on a busy machine.
 
 Servers (each its own process): maim_message's reference `WebSocketServer` echo (logs at WARNING),
 a bare python-socketio echo, and the replier's full pipeline (auth, validation, isolation context,
@@ -45,14 +50,52 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
 
 
 @contextmanager
-def process(cmd: list[str], env: dict | None = None, log_name: str = "server", ready_url: str | None = None):
+def process(
+    cmd: list[str], env: dict | None = None, log_name: str = "server", ready_url: str | None = None, cwd: str = ROOT
+):
     """A server for the block (ready when `ready_url`, a /health URL, says 200), its log in
     $TMPDIR/maitenant-bench-<log_name>.log; stopped with SIGINT (SIGKILL after 20 s) on the way out."""
     log_path = os.path.join(tempfile.gettempdir(), f"maitenant-bench-{log_name}.log")
     with running_server(  # env None: this process's environment
-        cmd, env=env, ready_url=ready_url, cwd=ROOT, log_path=log_path, ok=healthy, name=log_name, stop_timeout=20
+        cmd, env=env, ready_url=ready_url, cwd=cwd, log_path=log_path, ok=healthy, name=log_name, stop_timeout=20
     ) as server:
         yield server.process
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def postgres_cpu_seconds(dbname: str) -> float:
+    """CPU of the local PostgreSQL backends connected to `dbname` (their process title names it)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    title = fh.read().replace(b"\0", b" ").decode(errors="replace").split()
+            except OSError:
+                continue
+            if title[:1] == ["postgres:"] and dbname in title[1:5]:
+                total += cpu_seconds(int(entry))
+    return total
+
+
+def store_counters(url: str) -> tuple[int, int, float]:
+    """(batches, jobs, CPU seconds of its worker threads) of the replier's database store, from /health."""
+    import httpx
+
+    body = httpx.get(f"{url}/health", timeout=10).json()
+    return int(body.get("db_batches", 0)), int(body.get("db_jobs", 0)), float(body.get("db_cpu_seconds", 0.0))
 
 
 def rss_mb(pid: int) -> float:
@@ -226,6 +269,9 @@ def main() -> None:
     parser.add_argument("--hold-chatting", type=int, default=50)
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument(
+        "--code-dir", action="append", default=[], help="also run the replier of this tree (e.g. a before checkout)"
+    )
+    parser.add_argument(
         "--replicas",
         type=int,
         default=0,
@@ -239,17 +285,27 @@ def main() -> None:
     reference: dict[int, float] = {}
     pyexe = sys.executable
 
-    def scenario(name, url, keys, mode, ack):
-        out = [
-            run_load(
-                name, url, keys, clients=1, messages=args.single_messages, mode=mode, ack=ack, procs=1,
+    def scenario(name, url, keys, mode, ack, pid=None, dbname=None):
+        def measured(clients, messages, procs):
+            before = (cpu_seconds(pid), postgres_cpu_seconds(dbname) if dbname else 0.0) if pid else None
+            counters = store_counters(url) if pid else None
+            r = run_load(
+                name, url, keys, clients=clients, messages=messages, mode=mode, ack=ack, procs=procs,
                 warmup=args.warmup,
-            ),
-            run_load(
-                name, url, keys, clients=args.clients, messages=args.messages, mode=mode, ack=ack,
-                procs=args.procs, warmup=args.warmup,
-            ),
-        ]  # fmt: skip
+            )  # fmt: skip
+            if before is not None:
+                sent = clients * (messages + args.warmup)
+                replier_us = (cpu_seconds(pid) - before[0]) / sent * 1e6
+                r.extra += f"cpu/msg replier {replier_us:.0f} us"
+                if dbname:
+                    r.extra += f", postgres {(postgres_cpu_seconds(dbname) - before[1]) / sent * 1e6:.0f} us"
+                batches, jobs, store_cpu = store_counters(url)
+                r.extra += f" (store threads {(store_cpu - counters[2]) / sent * 1e6:.0f} us)"
+                if batches > counters[0]:
+                    r.extra += f"; {(jobs - counters[1]) / (batches - counters[0]):.1f} jobs/batch"
+            return r
+
+        out = [measured(1, args.single_messages, 1), measured(args.clients, args.messages, args.procs)]
         for r in out:
             print(
                 f"  {name}: {r.clients} client(s) {r.rate:.0f} rt/s p50 {r.p50:.1f} ms p99 {r.p99:.1f} ms", flush=True
@@ -271,7 +327,10 @@ def main() -> None:
         with process(sio_cmd, log_name="sio", ready_url=f"http://127.0.0.1:{port}/health"):
             results += scenario("bare python-socketio echo", f"http://127.0.0.1:{port}", ["k"], "echo", False)
 
-    for kind in [d.strip() for d in args.db.split(",") if d.strip()]:
+    runs = [(kind, ROOT) for kind in [d.strip() for d in args.db.split(",") if d.strip()]]
+    runs += [(kind, os.path.abspath(code)) for code in args.code_dir for kind, _ in list(runs)]
+    for kind, code_dir in runs:
+        label = kind if code_dir == ROOT else f"{kind}, {os.path.basename(code_dir.rstrip('/'))}"
         with ExitStack() as stack:
             try:
                 prov = stack.enter_context(provision_database(kind))
@@ -289,17 +348,20 @@ def main() -> None:
                 env["DATABASE_APP_ROLE"] = prov.app_role
             url = f"http://127.0.0.1:{port}"
             replier_cmd = [pyexe, "-m", "replier"]
+            if code_dir != ROOT:
+                env["PYTHONPATH"] = code_dir
             proc = stack.enter_context(
-                process(replier_cmd, env=env, log_name=f"replier-{kind}", ready_url=f"{url}/health")
+                process(replier_cmd, env=env, log_name=f"replier-{kind}", ready_url=f"{url}/health", cwd=code_dir)
             )
-            results += scenario(f"replier full pipeline ({kind})", url, keys, "maim", True)
-            if args.replicas and kind == "postgresql":
+            dbname = prov.url.rsplit("/", 1)[1].split("?")[0] if kind == "postgresql" else None
+            results += scenario(f"replier full pipeline ({label})", url, keys, "maim", True, proc.pid, dbname)
+            if args.replicas and kind == "postgresql" and code_dir == ROOT:
                 stack.close()  # the lone replier is done: its cores go to the clusters
                 prov = stack.enter_context(provision_database(kind))
                 keys = make_keys(prov.url, prov.app_role, args.clients)
                 for replicas in sorted({1, args.replicas}):
                     results += cluster_scenario(scenario, prov, keys, replicas, env)
-            if args.hold:
+            if args.hold and code_dir == ROOT:
                 r = run_load(
                     f"replier {args.hold} conns ({kind})", url, keys, clients=args.hold_chatting,
                     messages=args.messages, mode="maim", ack=True, procs=args.procs, warmup=args.warmup,
