@@ -6,8 +6,10 @@ from __future__ import annotations
 class WireTrace:
     """libpq's protocol trace of a peewee PostgreSQL database's current connection for the block.
 
-    `round_trips()` counts the client's Sync (extended protocol, one per pipeline) and Query
-    (simple protocol) messages: each is one wait for the server.
+    `round_trips()` counts the client's waits for the server that run statements: each Sync
+    (extended protocol, one per pipeline) whose group executes something, and each Query (simple
+    protocol). psycopg's own preparation of a statement it has seen five times (a Parse and a Sync of
+    its own, once per connection) is left out, so counts do not depend on what ran before.
     """
 
     def __init__(self, db, path) -> None:
@@ -29,4 +31,13 @@ class WireTrace:
             return [line.split("\t")[3].strip() for line in fh if line.split("\t")[1:2] == ["F"]]
 
     def round_trips(self) -> int:
-        return sum(1 for kind in self.sent() if kind in ("Sync", "Query"))
+        trips, executes = 0, False
+        for kind in self.sent():
+            if kind == "Query":
+                trips += 1
+            elif kind == "Execute":
+                executes = True
+            elif kind == "Sync":
+                trips += executes
+                executes = False
+        return trips

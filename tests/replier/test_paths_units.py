@@ -320,7 +320,7 @@ def test_an_offline_answer_is_stored_with_its_message_in_one_round_trip(configur
         for n in range(6):  # psycopg prepares a statement at its 5th use, with a round trip of its own
             assert ingest(f"w-{n}").answer is not None
         if isolation_db.is_postgres():
-            with WireTrace(configured_db, tmp_path / "trace") as trace:
+            with WireTrace(isolation_db.database.obj, tmp_path / "trace") as trace:
                 new = ingest("i-2")
             assert trace.round_trips() == 2  # BEGIN + binding + message, reply and usage; COMMIT
         else:
