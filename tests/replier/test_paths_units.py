@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from replier_support import api_message, free_port, legacy_message, make_tenant
 
-from isolation import IsolationContext, Scoped
+from isolation import IsolationContext, Scoped, fastpath
 from isolation import db as isolation_db
 from isolation.agent_config import AgentConfig, LlmSettings, Persona
 from isolation.egress import EgressSettings
@@ -337,8 +337,17 @@ def test_an_offline_answer_is_stored_with_its_message_in_one_round_trip(configur
         ("i-2", "in"), ("mt-reply:i-2", "out"),
         (reused.stored_id, "in"), ("mt-reply:" + reused.stored_id, "out"),
     ]  # fmt: skip
+    # Answered first elsewhere (another replier stored the reply before this message's row): that
+    # answer stands and is sent as a replay; no second usage row.
+    with isolation_db.unit_of_work(write=True):
+        assert fastpath.ChatSession(ctx).insert_reply_with_usage(
+            {"message_id": "mt-reply:i-9", "direction": "out", "text": "the first answer", "segments": []},
+            {"provider": "offline", "model": "offline", "outcome": "offline"},
+        )
+    late = ingest("i-9")
+    assert late.created and late.answer.text == "the first answer" and late.answer.metadata["replayed"] is True
     usage = Scoped(ctx).llm_usage.list()
-    assert len(usage) == 8 and {u["chat_stream_id"] for u in usage} == {ctx.chat_stream_id}
+    assert len(usage) == 9 and {u["chat_stream_id"] for u in usage} == {ctx.chat_stream_id}
 
 
 # -- store ------------------------------------------------------------------------------------------
