@@ -239,6 +239,8 @@ def cluster_scenario(scenario, prov, keys: list[str], replicas: int, env: dict) 
 
     backend_env = {k: env[k] for k in ("LOG_LEVEL", "LLM_PROVIDER", "MAX_CONNECTIONS", "MAX_UNAUTHENTICATED")}
     backend_env["MAX_CONNECTIONS_PER_ADDRESS"] = env["MAX_CONNECTIONS_PER_ADDRESS"]
+    # No tenant limits, as for the single replier: with Redis they are one count for the whole cluster.
+    backend_env.update(UNLIMITED_TENANTS)
     if prov.app_role:
         backend_env["DATABASE_APP_ROLE"] = prov.app_role
     run_dir = tempfile.mkdtemp(prefix="maitenant-bench-cluster-")
