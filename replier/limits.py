@@ -26,7 +26,11 @@ awaited on the loop: one count for every replier), else, and during a Redis outa
 in Redis too with REDIS_URL (`replier.connection_counts`: one limit for every replier), else, and
 while Redis fails, in this process. The token
 budget is seeded from the tenant's `llm_usage` rows of the budget day when its limits are first
-loaded and at each new budget day, so a restart does not reset it. Operators' overrides and
+loaded and at each new budget day, so a restart does not reset it. With REDIS_URL (several
+repliers) it is also read again every `TOKEN_BUDGET_SYNC_SECONDS` for tenants with open connections,
+so what the other repliers spent counts here within that time: a tenant can overspend its budget by
+at most what the others spend in one such interval (the database's `llm_usage` rows are the one
+count; nothing of the budget is kept in Redis). Operators' overrides and
 suspensions reach this replier at once as a "tenant" change signal (REDIS_URL, `reload`), and are
 re-read every `LIMITS_REFRESH_SECONDS` for every tenant with open connections (one
 `mt_tenant_controls` round trip; the fallback without Redis); a suspended tenant's connections are
@@ -179,6 +183,7 @@ class TenantLimiter:
         self._entries: dict[str, _Entry] = {}
         self._reported: dict[str, int] = {}
         self._heartbeat_at = 0.0
+        self._budget_synced_at = time.monotonic()
         self._throttled: Counter[str] = Counter()  # per tenant, in the current budget window (metrics)
         self._throttled_window = window_start(time.time(), settings.token_budget_window_seconds)
         self._log = ThrottledLog(log, THROTTLE_LOG_SECONDS, logging.WARNING)
@@ -321,11 +326,15 @@ class TenantLimiter:
         if tokens > 0:
             self.tokens.add(self._budget_key(tenant_id), self.settings.token_budget_window_seconds, tokens)
 
-    async def _seed(self, tenant_ids: list[str]) -> None:
-        """Read the budget day's tokens of tenants with a budget that were not seeded in this window."""
+    async def _seed(self, tenant_ids: list[str], again: bool = False) -> None:
+        """Read the budget day's tokens of tenants with a budget that were not seeded in this window
+        (`again`: of every one of them, to see what other repliers spent). The count only rises: it
+        becomes the larger of the database's total and this process's own count."""
         window = self.settings.token_budget_window_seconds
         todo = [
-            t for t in tenant_ids if self.limits(t).tokens_per_day and not self.tokens.has(self._budget_key(t), window)
+            t
+            for t in tenant_ids
+            if self.limits(t).tokens_per_day and (again or not self.tokens.has(self._budget_key(t), window))
         ]
         if not todo:
             return
@@ -357,6 +366,11 @@ class TenantLimiter:
                 if self.suspended(tenant_id):
                     await self._close_tenant(tenant_id)
             await self._seed(active)
+            # Several repliers (REDIS_URL): each counts the tokens it spends itself; what the others
+            # spent reaches it from their `llm_usage` rows, read again every `token_budget_sync_seconds`.
+            if self.settings.redis_url and now - self._budget_synced_at >= self.settings.token_budget_sync_seconds:
+                self._budget_synced_at = now
+                await self._seed(active, again=True)
         await self._report_presence(now)
         self._update_metrics(active)
 

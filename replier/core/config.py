@@ -111,6 +111,13 @@ class ReplierSettings(EgressSettings):
     limits_refresh_seconds: float = Field(
         default=2.0, gt=0, le=60, description="how often operators' overrides and suspensions are re-read"
     )
+    token_budget_sync_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="with REDIS_URL: how often a tenant's tokens of the day are read again from the database "
+        "(what the other repliers spent)",
+    )
     metrics_tenant_labels: int = Field(
         default=20, ge=0, le=1000, description="tenants (the top users of their budget) with their own metrics label"
     )

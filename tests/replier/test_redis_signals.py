@@ -27,6 +27,7 @@ from replier_support import (
 
 from isolation import IsolationContext, Scoped
 from isolation.signals import RedisPublisher, Signal, signals_channel
+from replier.limits import QUOTA_REPLY
 from testsupport.redis_server import PrivateRedis, require_redis, unique_prefix
 
 SLOW_CHECK = {
@@ -274,3 +275,38 @@ def test_suspension_and_resumption_reach_both_repliers_at_once(pair, redis_url):
     publisher.close()
     assert elapsed < 1.0, f"closed {elapsed:.2f} s after the signal"
     assert "suspended by the operator" in refused
+
+
+def test_a_token_budget_spent_on_one_replier_counts_on_the_other(provisioned, configured_db, redis_url, fake_llm):
+    """Both clients are connected (each replier seeded the tenant's budget at 0) before one answer on
+    replier 1 uses the whole budget; within TOKEN_BUDGET_SYNC_SECONDS replier 2 reads that spend from
+    the database and answers with the quota reply, without calling the model."""
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": unique_prefix(), "LIMITS_REFRESH_SECONDS": "0.5"}
+    env["TOKEN_BUDGET_SYNC_SECONDS"] = "1"
+    llm = {"provider": "openai", "base_url": fake_llm.base_url, "model": "fake-echo", "timeout_seconds": 5}
+    tenant = make_tenant(llm=llm, llm_key="sk-budget-sync")
+    Scoped(IsolationContext(tenant.tenant_id)).tenant.set_limits({"tokens_per_day": 18})  # one answer
+    servers = [ReplierProcess(provisioned.url, provisioned.app_role, **env).start() for _ in range(2)]
+
+    async def scenario():
+        clients = [await MaimClient(s.url, tenant.secret).start() for s in servers]
+        try:
+            await clients[0].send(api_message("spend it", message_id="budget-0"))
+            spent = await clients[0].reply()
+            calls = len(fake_llm.requests)
+            await asyncio.sleep(2.5)  # a sync interval and a refresh on replier 2
+            await clients[1].send(api_message("and now?", message_id="budget-1", user_id="other"))
+            refused = await clients[1].reply()
+            return spent, refused, len(fake_llm.requests) - calls
+        finally:
+            for client in clients:
+                await client.stop()
+
+    try:
+        spent, refused, more_calls = run(scenario())
+    finally:
+        for server in servers:
+            server.stop()
+    assert spent.message_segment.data.startswith("LLM reply to")
+    assert refused.message_segment.data == QUOTA_REPLY and more_calls == 0
+    assert refused.message_info.additional_config["maitenant"]["error"] == "quota_exceeded"
