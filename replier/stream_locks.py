@@ -29,6 +29,7 @@ availability first, and the database still stores every message exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -175,11 +176,17 @@ class StreamLocks:
         progress: tuple | None = None
         last: str | None = None
         waited = False
+        task = asyncio.current_task()
         try:
             while True:
                 taken = await self._take(keys=keys, args=args)
                 if int(taken[0]) == 1:
                     last = taken[1].decode() if isinstance(taken[1], bytes) else str(taken[1])
+                if task is not None and task.cancelling():
+                    # Cancelled while the script ran: redis-py may swallow the CancelledError (it
+                    # drops the connection instead), and the loop would wait on until `ttl`.
+                    raise asyncio.CancelledError
+                if last is not None:
                     break
                 if not waited:
                     waited = True
@@ -197,6 +204,9 @@ class StreamLocks:
             return
         except BaseException:  # cancelled while waiting (shutdown): leave the queue on the way out
             await self._leave_queue(keys, token)
+            if last is not None:  # taken just as the cancellation came: give it back at once
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await self._give(keys=keys, args=[token, self.owner, LAST_OWNER_SECONDS])
             raise
         if last is None:
             await self._leave_queue(keys, token)

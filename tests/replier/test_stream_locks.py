@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -101,22 +102,52 @@ def test_a_waiter_that_stops_asking_is_dropped_and_a_cancelled_one_leaves_at_onc
         loop = asyncio.get_running_loop()
         holding = holder.hold(KEY, Turn(0.0))
         await holding.__aenter__()
-        # "d" enters the queue (arrived at 1) with one poll, then its replier dies.
         keys = dying._keys(KEY)
-        assert (await dying._take(keys=keys, args=["d:x", 30_000, "1.0", 2000, 60_000]))[0] == 0
-        # "c" (arrived at 0.5) waits and is cancelled: it must not hold up "p".
+        # "c" (arrived at 0.5) waits and is cancelled: it leaves the queue, so it cannot hold up "p".
         waiting = asyncio.create_task(cancelled.hold(KEY, Turn(0.5)).__aenter__())
         await asyncio.sleep(0.1)
+        assert len(await holder._client.zrange(keys[2], 0, -1)) == 1
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
-        queue = await holder._client.zrange(keys[2], 0, -1)
-        assert queue == [b"d:x"]
+        assert await holder._client.zrange(keys[2], 0, -1) == []
+        # "d" enters the queue (arrived at 1) with one poll, then its replier dies.
+        assert (await dying._take(keys=keys, args=["d:x", 30_000, "1.0", 2000, 60_000]))[0] == 0
         await holding.__aexit__(None, None, None)
         started = loop.time()
         async with patient.hold(KEY, Turn(2.0)):
             waited = loop.time() - started
         assert STALE_WAITER_SECONDS - 0.5 < waited < STALE_WAITER_SECONDS + 2
         for locks in (holder, dying, cancelled, patient):
+            await locks.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_cancelled_at_any_point_stops_at_once_and_leaves_nothing_behind(redis_url):
+    """Shutdown cancels waiting streams. Cancelled at any point (also while its script is on the wire,
+    where redis-py swallows the CancelledError) a waiter stops at once: it neither waits on until the
+    lock's ttl nor leaves its entry in the queue or a lock behind."""
+
+    async def scenario():
+        prefix = unique_prefix()
+        holder, waiter = StreamLocks(redis_url, prefix, "h", 30), StreamLocks(redis_url, prefix, "w", 30)
+        keys = holder._keys(KEY)
+        holding = holder.hold(KEY, Turn(0.0))
+        await holding.__aenter__()
+        slowest = 0.0
+        for n in range(150):
+            task = asyncio.create_task(waiter.hold(KEY, Turn(1.0)).__aenter__())
+            await asyncio.sleep((n % 13) / 1000)
+            started = time.perf_counter()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            slowest = max(slowest, time.perf_counter() - started)
+            assert await holder._client.zrange(keys[2], 0, -1) == []
+        assert slowest < 1.0
+        await holding.__aexit__(None, None, None)
+        # The lock is free: nothing of the cancelled waiters holds it.
+        assert await holder._client.get(keys[0]) is None
+        for locks in (holder, waiter):
             await locks.aclose()
 
     asyncio.run(scenario())
