@@ -76,8 +76,8 @@ def serve_fake_llm(port: int, fast: float, slow: float) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=4096)
 
 
-def make_agent(url: str, app_role: str | None, name: str, llm: dict) -> str:
-    """A tenant with one agent using `llm`; its api key."""
+def make_agent(url: str, app_role: str | None, name: str, llm: dict, limits: dict | None = None) -> str:
+    """A tenant with one agent using `llm` (and the tenant's limit overrides `limits`); its api key."""
     from isolation import IsolationContext, Scoped, system
     from isolation import db as isolation_db
 
@@ -87,6 +87,8 @@ def make_agent(url: str, app_role: str | None, name: str, llm: dict) -> str:
         account = system.create_account(tag, f"{tag}@example.com", "x")
         tenant = system.create_tenant(tag, account["id"])
         ctx = IsolationContext(tenant["id"])
+        if limits:
+            Scoped(ctx).tenant.set_limits(limits)
         agent = Scoped(ctx).agents.create(name=name, persona={}, config={"memory": {"enabled": False}}, llm=llm)
         _, secret = Scoped(ctx).api_keys.create(agent["id"], name="bench")
         return secret
@@ -157,11 +159,13 @@ def bench(args, kind: str, llm_port: int) -> list[tuple[str, dict]]:
     with ExitStack() as stack:
         prov = stack.enter_context(provision_database(kind))
 
-        def agent(name: str, model: str, timeout: float) -> str:
+        def agent(name: str, model: str, timeout: float, limits: dict | None = None) -> str:
             llm = {"provider": "openai", "base_url": base_url, "model": model, "timeout_seconds": timeout}
-            return make_agent(prov.url, prov.app_role, name, llm)
+            return make_agent(prov.url, prov.app_role, name, llm, limits)
 
-        b_key = agent("tenant-b", "bench-fast", 30)
+        # B sends its three phases within one rate window: its message rates are unlimited, so what is
+        # measured is A's effect on it. A keeps the default limits (a flooding A is rate-limited).
+        b_key = agent("tenant-b", "bench-fast", 30, {"messages_per_minute": 0, "agent_messages_per_minute": 0})
         hang_key = agent("tenant-a-hang", "bench-hang", args.a_timeout)
         flood_key = agent("tenant-a-flood", "bench-slow", 30)
         port = free_port()
