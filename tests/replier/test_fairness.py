@@ -118,6 +118,19 @@ async def _breakers_open(server: ReplierProcess, count: int) -> None:
     await wait_for(lambda: _open_breakers(server) >= count, timeout=20)
 
 
+async def _calls_settled(fake: FakeOpenAI, model: str, quiet: float = 0.5) -> int:
+    """The model's call count once no new call arrived for `quiet` seconds. Calls that passed the
+    breaker just before it opened (slots freed by the first failures) may still be on their way to
+    the fake server when /metrics shows it open; they count as calls made before it opened."""
+    count = fake.calls(model)
+    while True:
+        await asyncio.sleep(quiet)
+        now = fake.calls(model)
+        if now == count:
+            return count
+        count = now
+
+
 async def _while_noisy(b: Clients, a: Clients, first: int) -> tuple[list[float], list[float]]:
     """B's latencies alone, then while A's clients keep sending; A's loops are stopped (cancelled)
     after. B alone is measured right before each phase, so both figures share the machine's load
@@ -159,7 +172,7 @@ def test_noisy_neighbour_cannot_slow_another_tenant(provisioned, configured_db):
             async with Clients(server.url, hang.secret, A_CLIENTS, "hang") as a:
                 out["hang_solo"], out["hang"] = await _while_noisy(b, a, first=100)
                 await _breakers_open(server, 1)
-                calls_open = fake.calls("fake-hang")
+                calls_open = await _calls_settled(fake, "fake-hang")
                 # The breaker is open now: every further message of A is answered at once with the
                 # fallback, without calling the model (no probe either: the cool-down is long).
                 before = len(a.replies)
@@ -169,7 +182,7 @@ def test_noisy_neighbour_cannot_slow_another_tenant(provisioned, configured_db):
             async with Clients(server.url, fail.secret, A_CLIENTS, "fail") as a:
                 out["fail_solo"], out["fail"] = await _while_noisy(b, a, first=200)
                 await _breakers_open(server, 2)
-                calls_open = fake.calls("fake-fail-a")
+                calls_open = await _calls_settled(fake, "fake-fail-a")
                 before = len(a.replies)
                 await asyncio.gather(*(a.ask(i, 1000) for i in range(A_CLIENTS)))
                 out["fail_after_open"] = a.replies[before:]
