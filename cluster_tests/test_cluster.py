@@ -218,17 +218,6 @@ def _fresh_window(window: float, room: float = 10.0) -> None:
         time.sleep(left + 0.05)
 
 
-async def _answer(client: MaimClient, timeout: float = 15.0) -> tuple[str, object]:
-    """("reply", message) or ("error", payload): whichever the replier sends first."""
-    reply = asyncio.create_task(client.replies.get())
-    error = asyncio.create_task(client.errors.get())
-    done, pending = await asyncio.wait({reply, error}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    assert done, "neither a reply nor an error"
-    return ("error", error.result()) if error in done else ("reply", reply.result()[0])
-
-
 def test_a_tenant_message_limit_is_enforced_once_across_both_repliers(cluster):
     """messages_per_minute 3, counted in Redis: 3 messages pass in total, alternating between the two
     repliers, and the 4th is refused `rate_limited` on whichever replier it reaches."""
@@ -246,7 +235,7 @@ def test_a_tenant_message_limit_is_enforced_once_across_both_repliers(cluster):
             for i in range(5):
                 client = placed[i % 2][0]
                 await client.send(api_message(f"m{i}", message_id=f"lim-{i}", user_id=f"u{i % 2}"))
-                answers.append(await _answer(client))
+                answers.append(await client.reply_or_error(timeout=15.0))
             return answers
         finally:
             for client, _ in placed:

@@ -264,6 +264,16 @@ class MaimClient:
     async def error(self, timeout: float = WAIT) -> dict:
         return await asyncio.wait_for(self.errors.get(), timeout)
 
+    async def reply_or_error(self, timeout: float = 10.0) -> tuple[str, object]:
+        """("reply", message) or ("error", payload): whichever the server sends first."""
+        reply = asyncio.create_task(self.replies.get())
+        error = asyncio.create_task(self.errors.get())
+        done, pending = await asyncio.wait({reply, error}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        assert done, "neither a reply nor an error"
+        return ("error", error.result()) if error in done else ("reply", reply.result()[0])
+
     async def stop(self) -> None:
         await self.client.stop()
 

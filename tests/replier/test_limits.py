@@ -168,17 +168,6 @@ def test_connections_limit_is_exact_and_frees_up(limited):
     assert _metric(limited, "replier_connections_refused_total", reason="tenant_connections") == refused_before + 1
 
 
-async def _answer(client: MaimClient, timeout: float = 10.0) -> tuple[str, object]:
-    """("reply", message) or ("error", payload): whichever the server sends first."""
-    reply = asyncio.create_task(client.replies.get())
-    error = asyncio.create_task(client.errors.get())
-    done, pending = await asyncio.wait({reply, error}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    assert done, "neither a reply nor an error"
-    return ("error", error.result()) if error in done else ("reply", reply.result()[0])
-
-
 def test_an_operator_override_reaches_the_live_replier_within_5_seconds(limited):
     ta = make_tenant()
 
@@ -186,7 +175,7 @@ def test_an_operator_override_reaches_the_live_replier_within_5_seconds(limited)
         client = await MaimClient(limited.url, ta.secret).start()
         try:
             await client.send(api_message("before", message_id="ov-0"))
-            assert (await _answer(client))[0] == "reply"
+            assert (await client.reply_or_error())[0] == "reply"
             _set_limits(ta, agent_messages_per_minute=1)  # the operator's change, in the database
             changed = time.monotonic()
             # Probe: the default (600) never refuses; once the override applies, at most one more
@@ -202,7 +191,7 @@ def test_an_operator_override_reaches_the_live_replier_within_5_seconds(limited)
 
     async def _answer_to(client, message_id):
         await client.send(api_message("probe", message_id=message_id))
-        return await _answer(client)
+        return await client.reply_or_error()
 
     elapsed, error = run(scenario())
     assert error["code"] == "rate_limited" and error["limit"] == "agent_messages_per_minute"

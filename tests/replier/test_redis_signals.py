@@ -200,17 +200,6 @@ def test_publisher_failure_is_logged_not_raised(caplog):
     asyncio.run(asyncio.sleep(0))
 
 
-async def _answer(client: MaimClient, timeout: float = 10.0) -> tuple[str, object]:
-    """("reply", message) or ("error", payload): whichever the server sends first."""
-    reply = asyncio.create_task(client.replies.get())
-    error = asyncio.create_task(client.errors.get())
-    done, pending = await asyncio.wait({reply, error}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    assert done, "neither a reply nor an error"
-    return ("error", error.result()) if error in done else ("reply", reply.result()[0])
-
-
 def test_a_tenant_message_limit_is_one_limit_across_both_repliers(pair):
     _prefix, servers = pair
     tenant = make_tenant()
@@ -228,7 +217,7 @@ def test_a_tenant_message_limit_is_one_limit_across_both_repliers(pair):
             for i in range(4):
                 client = clients[i % 2]
                 await client.send(api_message(f"m{i}", message_id=f"shared-{i}", user_id=f"u{i % 2}"))
-                answers.append(await _answer(client))
+                answers.append(await client.reply_or_error())
             return answers
         finally:
             for client in clients:
