@@ -103,11 +103,14 @@ def test_revoked_key_closes_the_live_connection(replier_server):
             await client.send(api_message("before revoke"))
             await client.reply()
             ta.revoke()
+            told = await client.error(timeout=10)  # told why before the close (issue 14)
             await wait_for(lambda: not client.client.is_connected(), timeout=10)
         finally:
             await client.stop()
+        return told
 
-    run(scenario())
+    told = run(scenario())
+    assert told["code"] == "key_revoked" and "revoked" in told["message"], told
 
 
 def _envelope(msg_id, payload, msg_type="sys_std"):

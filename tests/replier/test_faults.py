@@ -2,7 +2,8 @@
 connection kept, connects refused with a retryable reason, an honest /health, and recovery.
 
 The replier runs on a database of this module's own (the outage must not touch the suite's):
-SQLite is locked by another process, PostgreSQL refuses and drops every connection for a while.
+SQLite is locked by another process, PostgreSQL refuses and drops every connection for a while, and
+a full disk is a small tmpfs under a SQLite file, filled up.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from replier_support import (
 
 from isolation import db as isolation_db
 from isolation.faults import drop_idle_connections
+from isolation.migrate import upgrade
 from testsupport.databases import ProvisionedDatabase, leg_database
-from testsupport.faults import database_outage
+from testsupport.faults import TmpfsUnavailable, database_outage, fill_disk, small_tmpfs
 
 DB_KIND = os.environ.get("MAITENANT_TEST_DB", "sqlite")
 FAST = {"SQLITE_BUSY_TIMEOUT_MS": "300", "HEALTH_CACHE_SECONDS": "0", "HEALTH_WRITE_TIMEOUT_MS": "200"}
@@ -106,3 +108,63 @@ def test_outage_gives_retryable_chat_errors_keeps_connections_and_recovers(own_d
     assert log.count("database_unavailable: ") <= 3, log  # chat messages, batch, lookups: a line per kind
     ids = [m["message_id"] for m in ta.history("qq", user_id="fault-user")]
     assert ids == ["f-1", "mt-reply:f-1"]
+
+
+def test_a_full_disk_gives_retryable_storage_full_and_the_message_is_answered_once_space_is_back(provisioned, tmp_path):
+    """The disk under the SQLite file fills up: a chat message gets `storage_full` (retryable), the
+    connection stays, /health names the disk; once space is back the same message is answered."""
+    if DB_KIND != "sqlite":
+        pytest.skip("a full disk is injected under the SQLite file (the PostgreSQL server's disk is not ours)")
+    try:
+        with small_tmpfs(tmp_path / "disk", 8 * 1024 * 1024) as disk:
+            url = f"sqlite:///{disk}/maitenant.db"
+            upgrade(url)
+            isolation_db.configure(url)
+            try:
+                _full_disk_scenario(url, disk)
+            finally:
+                isolation_db.close_database()
+                isolation_db.configure(provisioned.url, app_role=provisioned.app_role)
+    except TmpfsUnavailable as exc:
+        pytest.skip(f"no tmpfs for the full-disk test: {exc}")
+
+
+def _full_disk_scenario(url: str, disk) -> None:
+    ta = make_tenant()
+    server = ReplierProcess(url, None, HEALTH_MIN_FREE_MB="1", **FAST).start()
+    filler = None
+
+    async def scenario() -> None:
+        nonlocal filler
+        maim = await MaimClient(server.url, ta.secret).start()
+        try:
+            await maim.send(api_message("while there is room", message_id="d-0", user_id="disk-user"))
+            assert (await maim.reply()).message_info.message_id == "mt-reply:d-0"
+            filler = fill_disk(disk)
+            await maim.send(api_message("on a full disk", message_id="d-1", user_id="disk-user"))
+            error = await maim.error(timeout=20)
+            assert error["code"] == "storage_full" and error["retryable"] is True, error
+            assert error["message_id"] == "d-1"
+            health = httpx.get(f"{server.http}/health", timeout=10)
+            assert health.status_code == 503
+            assert health.json()["checks"]["disk"].startswith("error: storage_full"), health.json()
+            assert maim.client.is_connected()
+            filler.unlink()
+            filler = None
+            await maim.send(api_message("on a full disk", message_id="d-1", user_id="disk-user"))
+            assert (await maim.reply(timeout=20)).message_info.message_id == "mt-reply:d-1"
+            assert httpx.get(f"{server.http}/health", timeout=10).status_code == 200
+        finally:
+            await maim.stop()
+
+    try:
+        run(scenario())
+    finally:
+        if filler is not None:
+            filler.unlink()
+        server.stop()
+    log = server.logs()
+    assert "processing message" not in log and "internal_error" not in log, log
+    assert "storage_full" in log
+    ids = [m["message_id"] for m in ta.history("qq", user_id="disk-user")]
+    assert ids == ["d-0", "mt-reply:d-0", "d-1", "mt-reply:d-1"]
