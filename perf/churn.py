@@ -7,6 +7,10 @@ send nothing and close. After each round the replier's RSS and open fds are prin
     python -m perf.churn --rounds 4 --cycles 5000
     python -m perf.churn --rounds 4 --cycles 5000 --tracemalloc --report /tmp/churn.txt
     python -m perf.churn --code-dir /tmp/before ...   # the same run against another checkout
+
+`--code-dir` runs the replier from that tree (e.g. `git archive <commit> | tar -x -C DIR`), and the
+database is provisioned and the key made with that tree's `testsupport` and `isolation`, so an older
+replier gets the schema version it accepts (a replier refuses a schema newer than it knows).
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ import time
 from pathlib import Path
 
 from perf.sio_loadgen import open_socket
-from testsupport.databases import provision_database
-from testsupport.servers import ServerProcess, free_port
 
 
 def rss_mb(pid: int) -> float:
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the replier (repeatable)")
     args = parser.parse_args(argv)
     code_dir = args.code_dir.resolve()
+    sys.path.insert(0, str(code_dir))  # testsupport and isolation of the tree under test (its schema)
+    from testsupport.databases import provision_database
+    from testsupport.servers import ServerProcess, free_port
+
     with provision_database(args.database) as database:
         key = make_key(database)
         port = free_port()
@@ -106,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cmd = [sys.executable, "-m", "replier"]
         log = Path(tempfile.mkstemp(prefix="churn-replier-", suffix=".log")[1])
-        server = ServerProcess("replier", cmd, env=env, log_path=log, health_url=f"http://127.0.0.1:{port}/health")
+        # `python -m` puts its working directory first on the path, before PYTHONPATH: run the plain
+        # replier from the code dir, or it would be this checkout's (traced_replier lives only here).
+        cwd = None if args.tracemalloc else code_dir
+        health = f"http://127.0.0.1:{port}/health"
+        server = ServerProcess("replier", cmd, env=env, log_path=log, health_url=health, cwd=cwd)
         server.start()
         try:
             server.wait_healthy(60)
