@@ -1,4 +1,5 @@
-"""Same-run figures for a replier crash (kill -9) and a graceful stop (SIGTERM) during slow LLM calls.
+"""Same-run figures for a replier crash (kill -9), a graceful stop (SIGTERM) and an impatient stop
+(SIGTERM, then SIGINT) during slow LLM calls.
 
 A script, not a test. It starts a fake OpenAI-compatible server (the test double of
 tests/replier/fake_openai.py, a model that takes `--llm-seconds`), a throw-away database with one
@@ -13,11 +14,18 @@ few in one chat. Then:
 * `--fault sigterm` (model delay 15 s unless `--llm-seconds` says otherwise): SIGTERM while the calls
   are in flight, with the code's default shutdown grace, then prints the acks, the replies received
   before the process exited, inbound rows unanswered at exit, replies stored but not delivered
-  (`delivered_at IS NULL` on reply rows, and stored replies the client never received: the older
-  schema has the column but older code never writes it) and whether `replier stopped` was logged.
+  (`delivered_at IS NULL` on reply rows, null when the schema has no such column, and stored replies
+  the client never received) and whether `replier stopped` was logged.
+* `--fault sigterm-sigint`: as `sigterm`, then SIGINT `--second-signal-after` seconds (2) after the
+  SIGTERM: what an operator (or a supervisor) does who will not wait. Issue 12 saw the second signal
+  skip the store stop and the usage flush. Adds the seconds to exit after the first signal and whether
+  the API key's use was flushed: its `api_keys.last_used_at` (written only by the usage flush, every
+  `USAGE_FLUSH_SECONDS`, and once more at shutdown) NULL before the SIGTERM and set after the exit.
+  The periodic flush is pushed out to an hour so that only the shutdown flush can set it.
 
     python perf/crash_run.py --fault kill9 --database sqlite
     python perf/crash_run.py --fault kill9 --database sqlite --code-dir /tmp/before   # an older tree
+    python perf/crash_run.py --fault sigterm-sigint --database postgresql --second-signal-after 2
 
 `--code-dir` (e.g. `git archive <commit> | tar -x -C DIR`) runs the replier from that tree, and this
 script's database provisioning and rows (testsupport, isolation) come from the same tree, so an older
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import json
 import logging
@@ -38,12 +47,14 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent.parent  # this checkout: the fake LLM always comes from here
 ACK_LINE = "收到 ACK 确认"  # maim_message's client logs this (debug) for every sys_ack it receives
 SAME_CHAT = 4  # this many of the messages go to one chat (answered in order), the rest over 8 chats
+NO_PERIODIC_FLUSH = "3600"  # sigterm-sigint: USAGE_FLUSH_SECONDS, so only the shutdown flush records key use
 
 
 class _Counter(logging.Handler):
@@ -68,8 +79,10 @@ def _fake_llm_class() -> Any:
     return module.FakeOpenAI
 
 
-def _replier_env(database: Any, port: int, code_dir: Path) -> dict[str, str]:
+def _replier_env(database: Any, port: int, code_dir: Path, fault: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "SHUTDOWN_GRACE_SECONDS")}
+    if fault == "sigterm-sigint":
+        env["USAGE_FLUSH_SECONDS"] = NO_PERIODIC_FLUSH
     env["DATABASE_URL"] = database.url
     env["HOST"], env["PORT"] = "127.0.0.1", str(port)
     env["LOG_LEVEL"], env["PYTHONPATH"] = "info", str(code_dir)
@@ -97,28 +110,50 @@ def _setup(database: Any, base_url: str, model: str) -> tuple[str, str]:
     return tenant["id"], key
 
 
-def _rows(database: Any, tenant_id: str) -> dict[str, Any]:
-    """Inbound and reply rows of the tenant, read as the owner (no RLS on the count)."""
-    query = "SELECT message_id, direction, delivered_at FROM messages WHERE tenant_id = "
+def _select(database: Any, query: str, tenant_id: str) -> list[tuple]:
+    """`query` (ending in `tenant_id = `) for the tenant, run as the owner (no RLS)."""
     if database.kind == "sqlite":
         import sqlite3
 
         with sqlite3.connect(database.admin_url.removeprefix("sqlite:///")) as conn:
-            rows = conn.execute(query + "?", (tenant_id,)).fetchall()
-    else:
-        import psycopg
+            return conn.execute(query + "?", (tenant_id,)).fetchall()
+    import psycopg
 
-        from testsupport.databases import _conninfo
+    from testsupport.databases import _conninfo
 
-        with psycopg.connect(_conninfo(database.admin_url)) as conn:
-            rows = conn.execute(query + "%s", (tenant_id,)).fetchall()
+    with psycopg.connect(_conninfo(database.admin_url)) as conn:
+        return conn.execute(query + "%s", (tenant_id,)).fetchall()
+
+
+def _key_last_used(database: Any, tenant_id: str) -> bool | None:
+    """Whether the tenant's (only) API key has a `last_used_at`; None when the schema has no such column."""
+    try:
+        rows = _select(database, "SELECT last_used_at FROM api_keys WHERE tenant_id = ", tenant_id)
+    except Exception as exc:  # an older schema without the column: report null, do not crash
+        print(f"api_keys.last_used_at unreadable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    return bool(rows) and rows[0][0] is not None
+
+
+def _rows(database: Any, tenant_id: str) -> dict[str, Any]:
+    """Inbound and reply rows of the tenant, read as the owner (no RLS on the count). A schema without
+    `messages.delivered_at` (schema 3, e.g. 667f891) gives `undelivered_marks` None."""
+    try:
+        query = "SELECT message_id, direction, delivered_at FROM messages WHERE tenant_id = "
+        rows = _select(database, query, tenant_id)
+        marked = True
+    except Exception as exc:
+        print(f"messages.delivered_at unreadable: {type(exc).__name__}: {exc}", file=sys.stderr)
+        query = "SELECT message_id, direction, NULL FROM messages WHERE tenant_id = "
+        rows = _select(database, query, tenant_id)
+        marked = False
     inbound = {m for m, d, _ in rows if d == "in"}
     replies = {m.removeprefix("mt-reply:"): delivered for m, d, delivered in rows if d != "in"}
     return {
         "inbound": inbound,
         "replies": replies,
         "unanswered": sorted(inbound - set(replies)),
-        "undelivered_marks": sum(1 for delivered in replies.values() if delivered is None),
+        "undelivered_marks": sum(1 for delivered in replies.values() if delivered is None) if marked else None,
     }
 
 
@@ -143,7 +178,9 @@ async def _until(predicate: Any, timeout: float, interval: float = 0.05) -> bool
     return predicate()
 
 
-async def _scenario(args: argparse.Namespace, replier: Any, url: str, key: str, fake: Any, run: str) -> dict:
+async def _scenario(
+    args: argparse.Namespace, replier: Any, url: str, key: str, fake: Any, run: str, key_used: Callable[[], bool | None]
+) -> dict:
     from maim_message.client import WebSocketClient
     from maim_message.ws_config import ClientConfig
 
@@ -185,11 +222,22 @@ async def _scenario(args: argparse.Namespace, replier: Any, url: str, key: str, 
             await _until(lambda: len(set(received)) >= sent, args.wait, 0.2)
             if last_reply_at[0] > restarted:
                 result["seconds_from_restart_to_last_reply"] = round(last_reply_at[0] - restarted, 1)
-        else:
+        elif args.fault == "sigterm":
             replier.process.send_signal(signal.SIGTERM)
             started = time.monotonic()
             await _until(lambda: replier.process.poll() is not None, 180.0)
             result["seconds_to_exit_after_sigterm"] = round(time.monotonic() - started, 1)
+        else:
+            result["key_last_used_at_set_before_signal"] = key_used()
+            replier.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            exited = await _until(lambda: replier.process.poll() is not None, args.second_signal_after)
+            result["second_signal_sent"] = not exited
+            if not exited:
+                replier.process.send_signal(signal.SIGINT)
+            await _until(lambda: replier.process.poll() is not None, 180.0)
+            result["seconds_to_exit_after_first_signal"] = round(time.monotonic() - started, 1)
+            result["exit_code"] = replier.process.poll()
         result["acks_received"] = len(counter.acks)
         result["replies_received_distinct"] = len(set(received))
         result["replies_received_total"] = len(received)
@@ -201,15 +249,22 @@ async def _scenario(args: argparse.Namespace, replier: Any, url: str, key: str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fault", choices=("kill9", "sigterm"), required=True)
+    parser.add_argument("--fault", choices=("kill9", "sigterm", "sigterm-sigint"), required=True)
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--code-dir", type=Path, default=HERE)
     parser.add_argument("--messages", type=int, default=20)
-    parser.add_argument("--llm-seconds", type=float, default=None, help="default: 3 (kill9), 15 (sigterm)")
+    parser.add_argument("--llm-seconds", type=float, default=None, help="default: 3 (kill9), 15 (sigterm*)")
     parser.add_argument("--wait", type=float, default=30.0, help="kill9: seconds to wait for replies")
+    parser.add_argument(
+        "--second-signal-after", type=float, default=2.0, help="sigterm-sigint: seconds from SIGTERM to SIGINT"
+    )
     args = parser.parse_args(argv)
     code_dir = args.code_dir.resolve()
     sys.path.insert(0, str(code_dir))  # provisioning and rows with the code dir's own schema
+    # Started in the background by a shell, this script has SIGINT ignored, and so would the replier
+    # (an ignored signal survives exec; older trees' ServerProcess does not reset it): a handler here
+    # is reset to the default in the child, so the sigterm-sigint fault's SIGINT really arrives.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     llm_seconds = args.llm_seconds if args.llm_seconds is not None else (3.0 if args.fault == "kill9" else 15.0)
     from testsupport.databases import provision_database
     from testsupport.servers import ServerProcess, free_port
@@ -225,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             replier = ServerProcess(
                 "replier",
                 [sys.executable, "-m", "replier"],
-                env=_replier_env(database, port, code_dir),
+                env=_replier_env(database, port, code_dir, args.fault),
                 log_path=log,
                 health_url=f"http://127.0.0.1:{port}/health",
                 cwd=code_dir,
@@ -234,10 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 replier.wait_healthy(60)
                 url = f"ws://127.0.0.1:{port}/ws"
-                result = asyncio.run(_scenario(args, replier, url, key, fake, run))
+                key_used = functools.partial(_key_last_used, database, tenant_id)
+                result = asyncio.run(_scenario(args, replier, url, key, fake, run, key_used))
             finally:
                 replier.stop()
             rows = _rows(database, tenant_id)
+            key_used_at_end = _key_last_used(database, tenant_id)
     finally:
         fake.stop()
     received = result.pop("received_ids")
@@ -246,10 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     report["inbound_rows_stored"] = len(rows["inbound"])
     report["inbound_rows_unanswered"] = len(rows["unanswered"])
     report["reply_rows_stored"] = len(rows["replies"])
-    if args.fault == "sigterm":
+    if args.fault != "kill9":
         report["reply_rows_delivered_at_null"] = rows["undelivered_marks"]
         report["reply_rows_not_received_by_client"] = len(set(rows["replies"]) - received)
         report["replier_stopped_logged"] = "replier stopped" in log.read_text("utf-8", "replace")
+    if args.fault == "sigterm-sigint":
+        report["key_last_used_at_set_after_exit"] = key_used_at_end
+        before = report.get("key_last_used_at_set_before_signal")
+        flushed = None if key_used_at_end is None else bool(key_used_at_end and not before)
+        report["key_use_flushed_at_shutdown"] = flushed
     print(json.dumps(report, indent=2))
     print(f"replier log: {log}", file=sys.stderr)
     return 0
