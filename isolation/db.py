@@ -277,10 +277,24 @@ class _AppRolePostgresqlDatabase(PooledPostgresqlDatabase):
         self._state.bound_tenant = tenant_id
 
 
+class _SqliteDatabase(SqliteDatabase):
+    """peewee's SQLite database, minus a ROLLBACK of a transaction SQLite has already ended."""
+
+    def rollback(self):
+        conn = self._state.conn
+        if conn is not None and not conn.in_transaction:
+            # SQLite ends the transaction itself on some errors (SQLITE_FULL: a COMMIT on a full disk,
+            # SQLITE_IOERR, ...). A ROLLBACK then fails with "cannot rollback - no transaction is
+            # active", chained on top of the real error: the wrong error first, and a second
+            # traceback for every failure during an outage.
+            return None
+        return super().rollback()
+
+
 def _sqlite(path: str, busy_timeout_ms: int) -> SqliteDatabase:
     if path != ":memory:":
         _create_private(path)
-    return SqliteDatabase(
+    return _SqliteDatabase(
         path,
         pragmas={
             "journal_mode": "wal",

@@ -108,5 +108,8 @@ def test_a_full_disk_answers_503_storage_full_and_health_reports_the_disk(tmp_pa
                 filler.unlink()
                 assert _register(http).status_code == 201
                 assert http.get("/health").status_code == 200
+        log = log_path.read_text()
+        assert "storage_full" in log and "internal_error" not in log
+        assert "cannot rollback" not in log, log  # SQLite ended the transaction itself: no ROLLBACK on top
     except TmpfsUnavailable as exc:
         pytest.skip(f"no tmpfs for the full-disk test: {exc}")

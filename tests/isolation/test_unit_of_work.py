@@ -377,6 +377,23 @@ def test_a_transaction_whose_connection_was_lost_ends_with_that_error_alone(db):
         isolation_db.ping()
 
 
+def test_a_transaction_sqlite_ended_by_itself_ends_with_the_real_error_alone(db):
+    """SQLite ends a transaction itself on some errors (a COMMIT on a full disk: SQLITE_FULL). The
+    rollback then sends nothing, so the caller sees that error, not "cannot rollback - no
+    transaction is active" from a ROLLBACK on top of it (two tracebacks per failure, the wrong one last)."""
+    if not isinstance(db, SqliteDatabase):
+        pytest.skip("SQLite ends transactions by itself")
+    from peewee import OperationalError
+
+    with pytest.raises(OperationalError, match="disk is full") as raised, isolation_db.unit_of_work(write=True):
+        db.connection().execute("ROLLBACK")  # what SQLite did when the COMMIT met a full disk
+        raise OperationalError("database or disk is full")
+    assert raised.value.__context__ is None
+    assert not db.in_transaction()
+    with isolation_db.unit_of_work(write=True):  # the connection is usable, transactions work
+        assert db.in_transaction()
+
+
 @postgres_only
 def test_commit_without_flush_is_local_to_its_transaction_and_costs_no_round_trip(db, tmp_path):
     def setting() -> str:

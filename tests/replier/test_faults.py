@@ -166,5 +166,6 @@ def _full_disk_scenario(url: str, disk) -> None:
     log = server.logs()
     assert "processing message" not in log and "internal_error" not in log, log
     assert "storage_full" in log
+    assert "cannot rollback" not in log, log  # SQLite ended the transaction itself: no ROLLBACK on top
     ids = [m["message_id"] for m in ta.history("qq", user_id="disk-user")]
     assert ids == ["d-0", "mt-reply:d-0", "d-1", "mt-reply:d-1"]
