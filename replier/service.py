@@ -166,8 +166,10 @@ class Replier:
         self.answerer.extract_memories = False
         if self.streams.inflight:
             log.info("waiting up to %.1fs for %d in-flight replies", timeout, self.streams.inflight)
+            started = asyncio.get_running_loop().time()
             if not await self._settle(timeout):
-                log.warning("%d replies still in flight after %.1fs; closing anyway", self.streams.inflight, timeout)
+                waited = asyncio.get_running_loop().time() - started  # shorter than `timeout` after a second signal
+                log.warning("%d replies still in flight after %.1fs; closing anyway", self.streams.inflight, waited)
         sids = list(self.connections.by_sid)
         if sids:
             log.info("closing %d connections", len(sids))

@@ -3,6 +3,7 @@ connection closes, and a second signal still stops the store and flushes key use
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 
@@ -82,5 +83,7 @@ def test_sigterm_then_sigint_still_stops_the_store_and_flushes_usage(provisioned
     assert "second stop signal (SIGINT)" in log, log
     assert "replier stopped" in log, log
     assert "waiting at most 1.0s more for in-flight replies" in log, log  # not the 95.75 s of the grace
+    waited = re.search(r"1 replies still in flight after ([0-9.]+)s", log)
+    assert waited is not None and float(waited.group(1)) < 10, log  # the time it waited, not the grace
     assert _usage(ta) == 1  # the usage flush ran although the shutdown was hurried
     assert [m["message_id"] for m in ta.history("qq", user_id="sigint-user")] == ["hurry-1"]
