@@ -291,3 +291,29 @@ def test_a_session_closed_while_its_connect_handler_waits_is_not_left_connected(
     assert sio.manager.sid_from_eio_sid("slow", "/") is None
     assert sio.manager.sid_from_eio_sid("fine", "/") is not None
     assert guard.unauthenticated == 0 and list(guard.sessions) == ["fine"]
+
+
+def test_a_closed_sessions_pending_ping_is_cancelled():
+    """python-engineio's ping task sleeps `ping_interval` (25 s) holding its session, closed or not:
+    under connection churn every session of the last 25 s stayed in memory (perf/churn.py)."""
+
+    async def scenario():
+        guard = SessionGuard(max_unauthenticated=5, max_per_address=5, auth_timeout=60)
+        sio = GuardedServer(guard=guard, malformed=MalformedFrames(60), async_mode="asgi")
+        session = guard.admit("10.0.0.1")
+        socket = AsyncSocket(sio.eio, "churned")
+        socket.connected = True
+        sio.eio.sockets["churned"] = socket
+        await sio._handle_eio_connect("churned", {"asgi.scope": {SESSION_KEY: session}})
+        ping = sio.eio.start_background_task(socket._send_ping)  # as Engine.IO starts it after the handshake
+        await asyncio.sleep(0)
+        await sio.eio.close_session("churned")
+        await asyncio.sleep(0)
+        pending = not ping.done()
+        ping.cancel()
+        await asyncio.gather(ping, return_exceptions=True)
+        return pending, sio, guard
+
+    pending, sio, guard = asyncio.run(scenario())
+    assert not pending, "the closed session's ping task still holds it"
+    assert sio.eio.sockets == {} and list(guard.sessions) == []
