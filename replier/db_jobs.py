@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 
 from isolation import Scoped, fastpath, system
+from isolation import db as isolation_db
 from isolation.agent_config import AgentConfig, LlmSettings, Persona
 from isolation.context import IsolationContext
 from isolation.crypto import SecretBoxError, decrypt_secret
@@ -355,11 +356,19 @@ def record_key_use(counts: dict[tuple[str, str], int]) -> None:
         Scoped(IsolationContext(tenant_id)).api_keys.record_use(key_id, uses)
 
 
-def find_unanswered(max_age: float, grace: float, limit: int) -> list[tuple[system.UnansweredMessage, dict]]:
-    """Stored inbound messages with no reply, `grace` to `max_age` seconds old, each with its content
-    read in its own tenant's context (recovery). Messages deleted in between are left out."""
+def unanswered_keys(max_age: float, grace: float, limit: int) -> list[system.UnansweredMessage]:
+    """The keys of stored inbound messages with no reply, `grace` to `max_age` seconds old (recovery's
+    scan, across tenants). Not a store job: it runs on the recovery thread's own connection, outside
+    any transaction, so a slow scan never holds up a batch of chat messages."""
+    with isolation_db.connection():
+        return system.unanswered_messages(max_age, grace, limit)
+
+
+def read_unanswered(rows: list[system.UnansweredMessage]) -> list[tuple[system.UnansweredMessage, dict]]:
+    """Each message of `rows` with its content, read in its own tenant's context (a store job).
+    Messages deleted since the scan are left out."""
     found = []
-    for row in system.unanswered_messages(max_age, grace, limit):
+    for row in rows:
         ctx = IsolationContext(row.tenant_id, row.agent_id, row.platform, row.chat_stream_id)
         stored = fastpath.ChatSession(ctx).inbound_message(row.message_id)
         if stored is not None:

@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC
 
+from isolation import db as isolation_db
 from isolation.context import IsolationContext
 from replier import db_jobs
 from replier.connections import Connection, StreamKey
@@ -156,19 +158,39 @@ class Recovery(Stage):
         super().__init__(shared)
         self.streams = streams
         self._attempts: dict[tuple[str, str, str], int] = {}
+        self._scanner: ThreadPoolExecutor | None = None  # the scan's thread (and so its connection)
+
+    def close(self) -> None:
+        """Close the scan thread's connection and stop the thread (at shutdown, after the loop ended)."""
+        scanner, self._scanner = self._scanner, None
+        if scanner is not None:
+            scanner.submit(isolation_db.close_connection)
+            scanner.shutdown(wait=True, cancel_futures=False)
 
     async def run_once(self) -> int:
-        """One recovery pass; how many messages it queued."""
+        """One recovery pass; how many messages it queued.
+
+        The scan runs on a thread and connection of its own, never as a store job: a job shares its
+        batch's transaction with chat messages, so a slow scan held up every message of its batch
+        (the soak on a PostgreSQL without statistics: a 1.7 s scan, chat p99 from 30 ms to 760 ms).
+        Only the rare messages it finds are read back through the store, in their tenants' contexts.
+        """
         settings = self.settings
         if settings.recovery_max_age_seconds <= 0:
             return 0
-        found = await self.store.run(
-            db_jobs.find_unanswered, settings.recovery_max_age_seconds, settings.recovery_grace_seconds, SCAN_LIMIT
+        if self._scanner is None:
+            self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replier-recovery")
+        keys = await asyncio.get_running_loop().run_in_executor(
+            self._scanner,
+            db_jobs.unanswered_keys,
+            settings.recovery_max_age_seconds,
+            settings.recovery_grace_seconds,
+            SCAN_LIMIT,
         )
         if len(self._attempts) > MAX_REMEMBERED:
             self._attempts.clear()
-        queued = 0
-        for row, stored in found:
+        due = []
+        for row in keys:
             key: StreamKey = (row.tenant_id, row.agent_id, row.platform, row.chat_stream_id)
             if self.streams.in_flight(key, row.message_id):
                 continue
@@ -177,6 +199,14 @@ class Recovery(Stage):
             if attempts >= MAX_ATTEMPTS:
                 continue
             self._attempts[seen] = attempts + 1
+            due.append(row)
+        if not due:
+            return 0
+        queued = 0
+        for row, stored in await self.store.run(db_jobs.read_unanswered, due):
+            key = (row.tenant_id, row.agent_id, row.platform, row.chat_stream_id)
+            if self.streams.in_flight(key, row.message_id):  # became so while its content was read
+                continue
             inbound = Inbound(
                 protocol="",
                 msg_id=None,

@@ -200,6 +200,7 @@ class Replier:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks.clear()
+        await asyncio.to_thread(self.recovery.close)
         abandoned = await self.streams.cancel()
         if abandoned:
             log.warning("%d replies abandoned at shutdown (stored messages are answered after the restart)", abandoned)
@@ -238,8 +239,9 @@ class Replier:
                 await self.recovery.run_once()
             except StoreClosed:
                 return
-            except Exception:
-                log.exception("recovery pass failed")
+            except Exception as exc:
+                if report(exc, "recovery pass") is None:  # an outage: one line per interval, no traceback each
+                    log.exception("recovery pass failed")
             await asyncio.sleep(pause)
             pause = settings.recovery_interval_seconds
 

@@ -4,6 +4,7 @@ the acknowledgement means "stored", duplicate envelopes, reused message ids."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ from test_paths_pipeline import _conn, _replier, _settle
 from isolation import Scoped, fastpath
 from isolation import db as isolation_db
 from isolation.ids import utcnow
+from replier import db_jobs
 
 
 def _envelope(msg_id: str, message) -> dict:
@@ -225,6 +227,46 @@ def test_recovery_answers_stored_unanswered_messages_once_in_their_tenant(config
     assert len(ta.history("qq", user_id="rec-young")) == 1
     assert len(ta.history("qq", user_id="rec-old")) == 1
     assert len(disabled.history("qq", user_id="rec")) == 1
+
+
+def test_a_slow_recovery_scan_holds_up_no_chat_message(configured_db, monkeypatch):
+    """The scan across tenants runs on a thread and connection of its own. As a store job it shared
+    its batch's transaction with chat messages, and a slow scan (a PostgreSQL without statistics
+    took 1.7 s) held every one of them up: here the store has a single worker, as on SQLite."""
+    ta = make_tenant()
+    release = threading.Event()
+    scanning = threading.Event()
+
+    def slow_scan(*args):
+        scanning.set()
+        release.wait(20)
+        return []  # what it finds is the other recovery tests' part (the leg's database is shared)
+
+    monkeypatch.setattr(db_jobs, "unanswered_keys", slow_scan)
+
+    async def scenario():
+        async with _replier(recovery_grace_seconds=0) as replier:
+            conn = _conn(replier, ta)
+            scan = asyncio.create_task(replier.recovery.run_once())
+            try:
+                assert await asyncio.to_thread(scanning.wait, 10)
+                message = api_message("while the scan runs", message_id="during-scan", user_id="scan-user")
+                await replier.intake.on_message(conn.sid, _envelope("env-during-scan", message))
+                answered = False
+                for _ in range(250):  # up to 5 s, the scan still blocked
+                    if any(m["message_id"] == "mt-reply:during-scan" for m in ta.history("qq", user_id="scan-user")):
+                        answered = True
+                        break
+                    await asyncio.sleep(0.02)
+                still_scanning = not scan.done()
+            finally:
+                release.set()
+            await scan
+            await _settle(replier)
+            return answered, still_scanning
+
+    answered, still_scanning = asyncio.run(scenario())
+    assert still_scanning and answered, "a chat message waited for the recovery scan"
 
 
 def test_recovery_gives_up_after_a_few_attempts_and_can_be_turned_off(configured_db):

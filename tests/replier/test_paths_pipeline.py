@@ -50,6 +50,7 @@ async def _replier(**overrides):
     try:
         yield replier
     finally:
+        await asyncio.to_thread(replier.recovery.close)  # the scan's thread and connection, if it ran
         await asyncio.to_thread(store.stop)
         await replier.providers.aclose()
 
