@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
 import pytest
+from peewee import PostgresqlDatabase
 
 from isolation import migrate
 from isolation.db import make_database
@@ -108,3 +112,35 @@ def test_cli_upgrade_then_check(tmp_path, capsys):
     assert main(["check", "--database-url", url]) == 0
     assert main(["version", "--database-url", url]) == 0
     assert capsys.readouterr().out.strip().endswith(str(migrate.LATEST_VERSION))
+
+
+class _SettingOnly(PostgresqlDatabase):
+    """A PostgreSQL database object that answers `current_setting('autovacuum')` and nothing else."""
+
+    def __init__(self, autovacuum: str) -> None:
+        super().__init__("never-connected")
+        self.autovacuum = autovacuum
+
+    def execute_sql(self, sql, params=None, commit=None):
+        assert "current_setting('autovacuum')" in sql
+        return SimpleNamespace(fetchone=lambda: (self.autovacuum,))
+
+
+@pytest.mark.parametrize("autovacuum", ["on", "off"])
+def test_start_up_warns_about_a_postgresql_without_autovacuum(autovacuum, caplog):
+    """Without autovacuum, PostgreSQL never gathers statistics on the chat tables, and lookups by
+    message id read whole chat streams (docs/RELIABILITY.md): the operator is told at start-up."""
+    with caplog.at_level(logging.WARNING, logger="isolation"):
+        migrate._warn_without_autovacuum(_SettingOnly(autovacuum))
+    assert ("autovacuum off" in caplog.text) == (autovacuum == "off")
+
+
+def test_start_up_on_the_real_server_warns_exactly_when_its_autovacuum_is_off(fresh, caplog):
+    db = _admin(fresh)
+    try:
+        off = fresh.kind == "postgresql" and db.execute_sql("SHOW autovacuum").fetchone()[0] == "off"
+        with caplog.at_level(logging.WARNING, logger="isolation"):
+            assert migrate.check_schema(db) == migrate.LATEST_VERSION
+    finally:
+        db.close()
+    assert ("autovacuum off" in caplog.text) == off
