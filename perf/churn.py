@@ -107,16 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         env.update(dict(item.split("=", 1) for item in args.env))
         if args.tracemalloc:
             args.report.write_text("")
-            cmd = [sys.executable, "-X", "tracemalloc=1", "-m", "perf.traced_replier"]
-            env["PYTHONPATH"] = f"{code_dir}{os.pathsep}{Path(__file__).resolve().parent.parent}"
+            # Run as a file: its own folder (perf/) comes first on the path, then the code dir's replier.
+            cmd = [sys.executable, "-X", "tracemalloc=1", str(Path(__file__).resolve().parent / "traced_replier.py")]
         else:
             cmd = [sys.executable, "-m", "replier"]
         log = Path(tempfile.mkstemp(prefix="churn-replier-", suffix=".log")[1])
-        # `python -m` puts its working directory first on the path, before PYTHONPATH: run the plain
-        # replier from the code dir, or it would be this checkout's (traced_replier lives only here).
-        cwd = None if args.tracemalloc else code_dir
+        # `python -m` puts its working directory first on the path, before PYTHONPATH: run from the
+        # code dir, or the replier would be this checkout's whatever --code-dir says.
         health = f"http://127.0.0.1:{port}/health"
-        server = ServerProcess("replier", cmd, env=env, log_path=log, health_url=health, cwd=cwd)
+        server = ServerProcess("replier", cmd, env=env, log_path=log, health_url=health, cwd=code_dir)
         server.start()
         try:
             server.wait_healthy(60)

@@ -18,6 +18,10 @@ the errors. It exits 1 on **unbounded growth**, defined as any of:
 * errors: more than 0.1% of the chat messages or REST requests failed.
 
     python -m perf.soak --minutes 10 --database sqlite
+
+On a PostgreSQL server that runs with autovacuum off (a CI machine's setting), the run's database is
+ANALYZEd every `--analyze-every` seconds, as autovacuum would: without statistics the planner reads a
+whole chat stream for each lookup by message id, and the soak would measure that configuration.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +43,7 @@ import httpx
 
 from perf.sio_loadgen import envelope, open_socket
 from testsupport.databases import provision_database
-from testsupport.servers import ServerProcess, free_port
+from testsupport.servers import UNLIMITED_TENANTS, ServerProcess, free_port
 
 PASSWORD = "soak-test-password-0123"  # noqa: S105 - a throw-away account of the run
 
@@ -177,9 +182,20 @@ class Soak:
             await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))
         await asyncio.gather(*tasks)
 
-    async def run(self, servers: dict[str, int], health_urls: list[str]) -> list[dict]:
+    async def analyze(self, statement: Callable[[], None], every: float) -> None:
+        """Run `statement` (ANALYZE as the owner) every `every` seconds: autovacuum's part, for a
+        PostgreSQL server that runs without it (see `main`)."""
+        while time.monotonic() + every < self.stop_at:
+            await asyncio.sleep(every)
+            await asyncio.to_thread(statement)
+
+    async def run(
+        self, servers: dict[str, int], health_urls: list[str], analyze: Callable[[], None] | None = None
+    ) -> list[dict]:
         self.stop_at = time.monotonic() + self.args.minutes * 60
         load = [asyncio.create_task(self.rest()), asyncio.create_task(self.churn())]
+        if analyze is not None:
+            load.append(asyncio.create_task(self.analyze(analyze, self.args.analyze_every)))
         load.append(asyncio.create_task(self.health(health_urls)))
         load += [
             asyncio.create_task(self.chat_client(i, self.keys[i % len(self.keys)]))
@@ -257,9 +273,36 @@ def _env(database, port: int, code_dir: Path) -> dict[str, str]:
     env["PASSWORD_HASH_TIME_COST"], env["PASSWORD_HASH_MEMORY_KIB"] = "1", "8192"  # cheap hashing
     env["LOG_LEVEL"], env["PYTHONPATH"] = "warning", str(code_dir)
     env["LLM_PROVIDER"] = ""
+    # The per-tenant limits are off (as in the benchmarks): one tenant's 20 REST requests a second and
+    # 20 messages a second are over the defaults, and a soak measures growth, not the limits' answers.
+    env.update(UNLIMITED_TENANTS)
     if database.app_role:
         env["DATABASE_APP_ROLE"] = database.app_role
     return env
+
+
+def _analyzer(database, args) -> Callable[[], None] | None:
+    """ANALYZE of the run's database as its owner, when the server runs without autovacuum (and
+    `--analyze-every` is not 0). Without statistics PostgreSQL's planner reads a whole chat stream
+    for every lookup by message id, which is the server's configuration, not the replier, growing
+    (docs/RELIABILITY.md): autovacuum (the default) analyzes a table this busy about once a minute."""
+    if database.kind != "postgresql" or args.analyze_every <= 0:
+        return None
+    import psycopg
+
+    from testsupport.databases import _conninfo
+
+    conninfo = _conninfo(database.admin_url)
+    with psycopg.connect(conninfo) as conn:
+        if conn.execute("SHOW autovacuum").fetchone()[0] != "off":
+            return None
+    print(f"the server runs with autovacuum off: ANALYZE every {args.analyze_every:g} s, as autovacuum would")
+
+    def analyze() -> None:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute("ANALYZE")
+
+    return analyze
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-rate", type=float, default=20.0, help="connect/close cycles a second")
     parser.add_argument("--code-dir", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--json", type=Path, help="also write the rows and the verdict here")
+    parser.add_argument(
+        "--analyze-every",
+        type=float,
+        default=60.0,
+        help="PostgreSQL with autovacuum off: ANALYZE the run's database this often (0: never)",
+    )
     args = parser.parse_args(argv)
     code_dir = args.code_dir.resolve()
     folder = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -322,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             pids = {name: server.process.pid for name, server in servers.items()}
             health_urls = [f"http://127.0.0.1:{port}/health" for port in ports.values()]
-            rows = asyncio.run(soak.run(pids, health_urls))
+            rows = asyncio.run(soak.run(pids, health_urls, _analyzer(database, args)))
         finally:
             for server in servers.values():
                 server.stop()
