@@ -366,11 +366,16 @@ def unanswered_keys(max_age: float, grace: float, limit: int) -> list[system.Una
 
 def read_unanswered(rows: list[system.UnansweredMessage]) -> list[tuple[system.UnansweredMessage, dict]]:
     """Each message of `rows` with its content, read in its own tenant's context (a store job).
-    Messages deleted since the scan are left out."""
+    Messages deleted since the scan are left out, and so are messages answered since: the scan ran
+    on a connection of its own while this process may have been committing their replies (a message
+    no longer in flight here has its reply committed, so this read sees it)."""
     found = []
     for row in rows:
         ctx = IsolationContext(row.tenant_id, row.agent_id, row.platform, row.chat_stream_id)
-        stored = fastpath.ChatSession(ctx).inbound_message(row.message_id)
+        session = fastpath.ChatSession(ctx)
+        if session.message_text(REPLY_ID_PREFIX + row.message_id) is not None:
+            continue
+        stored = session.inbound_message(row.message_id)
         if stored is not None:
             found.append((row, stored))
     return found

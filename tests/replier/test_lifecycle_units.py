@@ -269,6 +269,35 @@ def test_a_slow_recovery_scan_holds_up_no_chat_message(configured_db, monkeypatc
     assert still_scanning and answered, "a chat message waited for the recovery scan"
 
 
+def test_a_message_answered_while_the_scan_ran_is_not_queued_again(configured_db, monkeypatch):
+    """The scan runs on a connection of its own, so it can find a message whose reply this process
+    commits right after: the message is no longer in flight when the scan returns, and only the
+    database can tell it was answered (CI saw such messages queued a second time)."""
+    ta = make_tenant()
+    _stored_unanswered(ta, "raced", "q-1")
+    real_scan = db_jobs.unanswered_keys
+
+    def scan_then_answer(*args):
+        found = real_scan(*args)
+        with isolation_db.connection():  # the answer commits while the scan's result is on its way
+            Scoped(ta.stream_ctx("qq", user_id="raced")).messages.add(
+                message_id="mt-reply:q-1", direction="out", text="answered meanwhile", segments={}, reply_to="q-1"
+            )
+        return found
+
+    monkeypatch.setattr(db_jobs, "unanswered_keys", scan_then_answer)
+
+    async def scenario():
+        async with _replier(recovery_grace_seconds=5, recovery_max_age_seconds=600) as replier:
+            queued = _record_recovered(replier, {ta.tenant_id})
+            await replier.recovery.run_once()
+            await _settle(replier)
+            return queued
+
+    assert asyncio.run(scenario()) == []
+    assert [m["message_id"] for m in ta.history("qq", user_id="raced")] == ["q-1", "mt-reply:q-1"]
+
+
 def test_recovery_gives_up_after_a_few_attempts_and_can_be_turned_off(configured_db):
     ta = make_tenant()
     _stored_unanswered(ta, "stuck", "s-1")
