@@ -179,14 +179,19 @@ def check_schema(db: Database) -> int:
     )
 
 
+_autovacuum_warned = False
+
+
 def _warn_without_autovacuum(db: Database) -> None:
     """A PostgreSQL server with autovacuum off never gathers statistics on the tables this code fills.
     Its planner then looks messages up by id through the (tenant, stream, time) index and reads the
     whole chat stream for each one: measured with perf.soak, the recovery scan took 1.7 s at 15,000
     messages (25 ms after an ANALYZE) and chat p99 grew from 30 to 760 ms in 10 minutes."""
-    if not isinstance(db, PostgresqlDatabase):
-        return
+    global _autovacuum_warned
+    if _autovacuum_warned or not isinstance(db, PostgresqlDatabase):
+        return  # once per process: both backends check the schema in `__main__` and again at app start-up
     if db.execute_sql("SELECT current_setting('autovacuum')").fetchone()[0] == "off":
+        _autovacuum_warned = True
         log.warning(
             "PostgreSQL runs with autovacuum off: without statistics, lookups by message id read whole "
             "chat streams and slow down as history grows; turn it on or ANALYZE regularly (docs/RELIABILITY.md)"
