@@ -37,7 +37,6 @@ import collections
 import contextlib
 import importlib.util
 import json
-import os
 import secrets
 import sys
 import tempfile
@@ -49,10 +48,11 @@ from typing import Any
 
 import httpx
 
+from perf.backends import register, server_env
 from perf.sio_loadgen import envelope, open_socket
 
 HERE = Path(__file__).resolve().parent.parent  # this checkout: the fault helpers always come from here
-PASSWORD = "fault-logs-password-0123"  # noqa: S105 - a throw-away account of the run
+SECRET_KEY = "fault-logs-secret-key-0123456789abcdef"  # noqa: S105 - a throw-away database's
 HEALTH_EVERY = 0.5  # seconds between two /health samples of a backend
 RECOVERY_WAIT = 15.0  # seconds the recovery chat message may take to be answered
 
@@ -72,16 +72,7 @@ def _harness(name: str) -> ModuleType:
 
 
 def _env(database, port: int, code_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "FORWARDED_ALLOW_IPS")}
-    env.update(extra)
-    env["DATABASE_URL"] = database.url
-    env["HOST"], env["PORT"] = "127.0.0.1", str(port)
-    env["SECRET_KEY"] = "fault-logs-secret-key-0123456789abcdef"  # noqa: S105 - a throw-away database's
-    env["PASSWORD_HASH_TIME_COST"], env["PASSWORD_HASH_MEMORY_KIB"] = "1", "8192"  # cheap hashing
-    env["LOG_LEVEL"], env["PYTHONPATH"] = "info", str(code_dir)
-    if database.app_role:
-        env["DATABASE_APP_ROLE"] = database.app_role
-    return env
+    return server_env(database, port, code_dir, secret_key=SECRET_KEY, log_level="info", **extra)
 
 
 def _start(servers: ModuleType, name: str, module: str, env: dict, log: Path, code_dir: Path) -> Any:
@@ -318,14 +309,7 @@ def _run(
     try:
         base = f"http://127.0.0.1:{cport}"
         url = f"ws://127.0.0.1:{rport}/ws/?EIO=4&transport=websocket"
-        name = f"fl{secrets.token_hex(4)}"
-        registered = httpx.post(
-            f"{base}/api/v1/auth/register",
-            json={"username": name, "email": f"{name}@example.com", "password": PASSWORD},
-            timeout=30,
-        )
-        registered.raise_for_status()
-        token = registered.json()["tokens"]["access_token"]
+        token = register(base, "fl")
         rest: collections.Counter = collections.Counter()
         chat: collections.Counter = collections.Counter()
         health = {

@@ -41,11 +41,12 @@ from pathlib import Path
 
 import httpx
 
+from perf.backends import register, server_env
 from perf.sio_loadgen import envelope, open_socket
 from testsupport.databases import provision_database
 from testsupport.servers import UNLIMITED_TENANTS, ServerProcess, free_port
 
-PASSWORD = "soak-test-password-0123"  # noqa: S105 - a throw-away account of the run
+SECRET_KEY = "soak-secret-key-0123456789abcdef-0123"  # noqa: S105 - a throw-away database's
 
 
 def rss_mb(pid: int) -> float:
@@ -266,19 +267,11 @@ def verdict(rows: list[dict], names: list[str]) -> list[str]:
 
 
 def _env(database, port: int, code_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVIRONMENT", "FORWARDED_ALLOW_IPS")}
-    env["DATABASE_URL"] = database.url
-    env["HOST"], env["PORT"] = "127.0.0.1", str(port)
-    env["SECRET_KEY"] = "soak-secret-key-0123456789abcdef-0123"  # noqa: S105 - a throw-away database's
-    env["PASSWORD_HASH_TIME_COST"], env["PASSWORD_HASH_MEMORY_KIB"] = "1", "8192"  # cheap hashing
-    env["LOG_LEVEL"], env["PYTHONPATH"] = "warning", str(code_dir)
-    env["LLM_PROVIDER"] = ""
     # The per-tenant limits are off (as in the benchmarks): one tenant's 20 REST requests a second and
     # 20 messages a second are over the defaults, and a soak measures growth, not the limits' answers.
-    env.update(UNLIMITED_TENANTS)
-    if database.app_role:
-        env["DATABASE_APP_ROLE"] = database.app_role
-    return env
+    return server_env(
+        database, port, code_dir, secret_key=SECRET_KEY, log_level="warning", LLM_PROVIDER="", **UNLIMITED_TENANTS
+    )
 
 
 def _analyzer(database, args) -> Callable[[], None] | None:
@@ -355,18 +348,11 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers.values():
                 server.wait_healthy(60)
             base = f"http://127.0.0.1:{ports['configurator']}"
-            name = f"soak{secrets.token_hex(4)}"
-            registered = httpx.post(
-                f"{base}/api/v1/auth/register",
-                json={"username": name, "email": f"{name}@example.com", "password": PASSWORD},
-                timeout=30,
-            )
-            registered.raise_for_status()
             soak = Soak(
                 args,
                 base,
                 f"ws://127.0.0.1:{ports['replier']}/ws/?EIO=4&transport=websocket",
-                registered.json()["tokens"]["access_token"],
+                register(base, "soak"),
                 keys,
             )
             pids = {name: server.process.pid for name, server in servers.items()}
