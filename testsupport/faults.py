@@ -7,7 +7,8 @@
   made by `testsupport.databases`), new connections are refused (`ALLOW_CONNECTIONS false`) and every
   open session is terminated (`pg_terminate_backend`) from an admin connection, until the block ends.
 * `small_tmpfs(path, size)`: a tmpfs of `size` bytes mounted at `path` (needs root; `TmpfsUnavailable`
-  with the reason otherwise), and `fill_disk(folder)` to use up its space.
+  with the reason otherwise), and `fill_disk(folder)` to use up its space; `sqlite_on_a_small_disk`
+  puts a migrated SQLite database alone on one.
 """
 
 from __future__ import annotations
@@ -139,6 +140,18 @@ def small_tmpfs(path: str | Path, size: int) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(target)], capture_output=True)  # noqa: S603, S607
 
 
+@contextlib.contextmanager
+def sqlite_on_a_small_disk(folder: str | Path, size: int = 8 * 1024 * 1024) -> Iterator[tuple[str, Path]]:
+    """A migrated SQLite database alone on a tmpfs of `size` bytes mounted at `folder`, while the
+    block runs: (its URL, the mount point to `fill_disk`). `TmpfsUnavailable` as `small_tmpfs`."""
+    from isolation.migrate import upgrade
+
+    with small_tmpfs(folder, size) as disk:
+        url = f"sqlite:///{disk}/maitenant.db"
+        upgrade(url)
+        yield url, disk
+
+
 def fill_disk(folder: str | Path, name: str = "filler") -> Path:
     """Write zeros into `folder/name` until the filesystem is full; returns the file (delete it to free)."""
     filler = Path(folder) / name
@@ -161,6 +174,7 @@ __all__ = [
     "fill_disk",
     "postgres_outage",
     "small_tmpfs",
+    "sqlite_on_a_small_disk",
     "sqlite_write_lock",
     "unblock_postgres",
 ]

@@ -17,9 +17,8 @@ import httpx
 import pytest
 from cfg_helpers import PASSWORD, server_env
 
-from isolation.migrate import upgrade
 from testsupport.databases import ProvisionedDatabase, leg_database
-from testsupport.faults import TmpfsUnavailable, database_outage, fill_disk, small_tmpfs
+from testsupport.faults import TmpfsUnavailable, database_outage, fill_disk, sqlite_on_a_small_disk
 from testsupport.servers import free_port, healthy, running_server
 
 DB_KIND = os.environ.get("MAITENANT_TEST_DB", "sqlite")
@@ -91,9 +90,7 @@ def test_a_full_disk_answers_503_storage_full_and_health_reports_the_disk(tmp_pa
     if DB_KIND != "sqlite":
         pytest.skip("a full disk is injected under the SQLite file (the PostgreSQL server's disk is not ours)")
     try:
-        with small_tmpfs(tmp_path / "disk", 8 * 1024 * 1024) as disk:
-            url = f"sqlite:///{disk}/maitenant.db"
-            upgrade(url)
+        with sqlite_on_a_small_disk(tmp_path / "disk") as (url, disk):
             database = ProvisionedDatabase("sqlite", url, url, None)
             log_path = tmp_path / "configurator.log"
             server, base = _configurator(database, log_path, HEALTH_MIN_FREE_MB="1")

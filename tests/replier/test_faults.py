@@ -28,9 +28,8 @@ from replier_support import (
 
 from isolation import db as isolation_db
 from isolation.faults import drop_idle_connections
-from isolation.migrate import upgrade
 from testsupport.databases import ProvisionedDatabase, leg_database
-from testsupport.faults import TmpfsUnavailable, database_outage, fill_disk, small_tmpfs
+from testsupport.faults import TmpfsUnavailable, database_outage, fill_disk, sqlite_on_a_small_disk
 
 DB_KIND = os.environ.get("MAITENANT_TEST_DB", "sqlite")
 FAST = {"SQLITE_BUSY_TIMEOUT_MS": "300", "HEALTH_CACHE_SECONDS": "0", "HEALTH_WRITE_TIMEOUT_MS": "200"}
@@ -116,9 +115,7 @@ def test_a_full_disk_gives_retryable_storage_full_and_the_message_is_answered_on
     if DB_KIND != "sqlite":
         pytest.skip("a full disk is injected under the SQLite file (the PostgreSQL server's disk is not ours)")
     try:
-        with small_tmpfs(tmp_path / "disk", 8 * 1024 * 1024) as disk:
-            url = f"sqlite:///{disk}/maitenant.db"
-            upgrade(url)
+        with sqlite_on_a_small_disk(tmp_path / "disk") as (url, disk):
             isolation_db.configure(url)
             try:
                 _full_disk_scenario(url, disk)
