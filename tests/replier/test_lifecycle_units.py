@@ -4,10 +4,12 @@ the acknowledgement means "stored", duplicate envelopes, reused message ids."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from datetime import timedelta
 
+import peewee
 import pytest
 from replier_support import api_message, make_tenant
 from test_paths_pipeline import _conn, _replier, _settle
@@ -296,6 +298,37 @@ def test_a_message_answered_while_the_scan_ran_is_not_queued_again(configured_db
 
     assert asyncio.run(scenario()) == []
     assert [m["message_id"] for m in ta.history("qq", user_id="raced")] == ["q-1", "mt-reply:q-1"]
+
+
+def test_recovery_passes_during_an_outage_go_on_without_a_traceback_each(configured_db, monkeypatch, caplog):
+    """A pass that meets an outage goes to the throttled fault log (one line per kind and interval),
+    not `recovery pass failed` with a traceback every interval, and the next pass still runs."""
+    calls = 0
+
+    def outage(*args):
+        nonlocal calls
+        calls += 1
+        raise peewee.OperationalError("database is locked")
+
+    monkeypatch.setattr(db_jobs, "unanswered_keys", outage)
+
+    async def scenario():
+        async with _replier(recovery_grace_seconds=0, recovery_interval_seconds=0.02) as replier:
+            loop = asyncio.create_task(replier.recovery_loop())
+            for _ in range(250):
+                if calls >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    assert calls >= 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # no `log.exception`
+    # One WARNING for the episode at most (the fault log is per process: another test's outage within
+    # its interval may have used it), not one per pass.
+    assert len([r for r in caplog.records if "recovery pass" in r.getMessage()]) <= 1, caplog.text
 
 
 def test_recovery_gives_up_after_a_few_attempts_and_can_be_turned_off(configured_db):
